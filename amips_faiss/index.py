@@ -119,6 +119,7 @@ class IndexAMIPS:
             raise RuntimeError("from_ivf needs a trained IVF index: call ivf.train(x) first")
         index = cls.__new__(cls)
         index._setup(faiss.downcast_index(ivf), router, **router_size)
+        index._owner = ivf_index  # the downcast proxy does not own the C++ index: keep the owner alive
         index._trained_fingerprints = None  # the user's own keys go straight into their lists
         return index
 
@@ -304,8 +305,10 @@ class IndexAMIPS:
         ids = check_ids(ids)
         if not self.is_trained:
             raise RuntimeError("remove_ids before train: the index is empty")
-        sel = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
-        return int(self.ivf.remove_ids(sel) + self.buffer.remove_ids(sel))
+        batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+        hashed = self.ivf.direct_map.type == faiss.DirectMap.Hashtable  # faiss then needs an id array
+        ivf_sel = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)) if hashed else batch
+        return int(self.ivf.remove_ids(ivf_sel) + self.buffer.remove_ids(batch))
 
     def reset(self) -> None:
         """Remove every key; the lists and the router stay trained."""
@@ -345,7 +348,7 @@ class IndexAMIPS:
     def _flush_buffer(self) -> None:
         if self.buffer.ntotal:
             ids = faiss.vector_to_array(self.buffer.id_map).astype(np.int64)
-            keys = self.buffer.reconstruct_n(0, self.buffer.ntotal)
+            keys = faiss.downcast_index(self.buffer.index).reconstruct_n(0, self.buffer.ntotal)
             self.ivf.add_with_ids(keys, ids)
             self.buffer.reset()
 

@@ -108,7 +108,7 @@ def read_index(path: str) -> IndexAMIPS:
 
 
 def _build(config: dict, arrays: dict) -> IndexAMIPS:
-    ivf = faiss.downcast_index(faiss.deserialize_index(arrays["faiss"]))
+    ivf = faiss.deserialize_index(arrays["faiss"])  # already of its concrete class; owns the C++ object
     index = IndexAMIPS.__new__(IndexAMIPS)
     index._setup(ivf, config["router"], **config["router_size"])
     index.buffer = faiss.deserialize_index(arrays["buffer"])

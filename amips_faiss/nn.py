@@ -13,8 +13,13 @@ from torch import nn
 
 
 def soft_leaky_relu(u: torch.Tensor, alpha: float = 0.1, beta: float = 20.0) -> torch.Tensor:
-    """σ(u) = α·u + (1−α)·softplus_β(u): convex, non-decreasing, smooth."""
-    return alpha * u + (1.0 - alpha) * F.softplus(u, beta=beta)
+    """σ(u) = α·u + (1−α)·softplus_β(u): convex, non-decreasing, smooth.
+
+    softplus_β(u) = (max(βu, 0) + log(1 + e^{−|βu|}))/β exactly (torch's ``F.softplus`` switches to
+    the identity past a threshold, a tiny kink that breaks convexity).
+    """
+    bu = beta * u
+    return alpha * u + (1.0 - alpha) * (F.relu(bu) + torch.log1p(torch.exp(-bu.abs()))) / beta
 
 
 def _inverse_softplus(y: float) -> float:

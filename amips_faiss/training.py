@@ -141,22 +141,24 @@ def fit(model: nn.Module, batch_loss: Callable[[nn.Module, torch.Tensor], torch.
         best_weights = ckpt["best_weights"]
         state = ckpt["state"]
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(gen_state: torch.Tensor) -> None:
         if not config.checkpoint:
             return
         tmp = config.checkpoint + ".tmp"
         torch.save({"config": _config_key(config), "model": model.state_dict(), "ema": ema.state_dict(),
-                    "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen_state,
                     "best_weights": best_weights, "state": state}, tmp)
         os.replace(tmp, config.checkpoint)
 
     start = time.perf_counter() - state["seconds"]
+    gen_state = gen.get_state()
     params, ema_params = list(model.parameters()), list(ema.parameters())
     bar = tqdm(total=config.steps, initial=state["step"], desc="training", unit="step",
                disable=not config.progress, leave=False)
     try:
         while state["step"] < config.steps:
             model.train()
+            gen_state = gen.get_state()  # an interrupted step is redone from here
             rows = torch.randint(n_train, (config.batch_size,), generator=gen).to(device)
             loss = batch_loss(model, rows)
             if not torch.isfinite(loss):
@@ -184,12 +186,12 @@ def fit(model: nn.Module, batch_loss: Callable[[nn.Module, torch.Tensor], torch.
                 else:
                     state["bad"] += 1
                 state["seconds"] = elapsed
-                save_checkpoint()
+                save_checkpoint(gen.get_state())
                 if state["bad"] >= config.patience or out_of_time:
                     break
     except KeyboardInterrupt:
         state["seconds"] = time.perf_counter() - start
-        save_checkpoint()
+        save_checkpoint(gen_state)
         raise
     finally:
         bar.close()

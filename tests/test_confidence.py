@@ -1,0 +1,52 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from amips_faiss.confidence import calibrate_margin, critical_margins, gaps, probe_schedule
+
+
+def test_probe_schedule_doubles_up_to_the_cap():
+    assert probe_schedule(2, 20, 100) == [2, 4, 8, 16, 20]
+    assert probe_schedule(4, 4, 100) == [4]
+    assert probe_schedule(8, 500, 50) == [8, 16, 32, 50]
+
+
+def test_gaps_handle_missing_results_and_exhausted_lists():
+    g = gaps(np.array([2.0, 1.0, -np.inf]), np.array([1.0, -np.inf, 5.0]), np.array([2.0, 1.0, 1.0]))
+    assert g.tolist() == [0.5, np.inf, -np.inf]
+
+
+def _simulate(tau, round_gaps, round_correct, fallback_correct):
+    """Reference: walk the rounds of each query one by one."""
+    right = []
+    for g, c, fb in zip(round_gaps, round_correct, fallback_correct):
+        stop = next((r for r in range(len(g)) if g[r] <= tau), None)
+        right.append(fb if stop is None else c[stop])
+    return np.mean(right)
+
+
+def test_critical_margins_agree_with_step_by_step_simulation():
+    rng = np.random.default_rng(0)
+    n, R = 300, 4
+    round_gaps = rng.normal(size=(n, R))
+    first = rng.integers(0, R + 1, n)
+    round_correct = np.arange(R)[None, :] >= first[:, None]
+    fallback_correct = rng.random(n) < 0.7
+    crit = critical_margins(round_gaps, round_correct, fallback_correct)
+    for tau in itertools.chain(np.linspace(-3, 3, 41), [-np.inf, np.inf]):
+        assert np.mean(tau < crit) == pytest.approx(_simulate(tau, round_gaps, round_correct, fallback_correct))
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.95, 0.99])
+def test_calibrated_margin_reaches_the_target_and_is_the_largest_that_does(target):
+    crit = np.random.default_rng(1).normal(size=1000)
+    tau, recall = calibrate_margin(crit, target)
+    assert recall >= target and recall == np.mean(tau < crit)
+    assert np.mean(np.nextafter(tau, np.inf) + 1e-9 < crit) < recall
+
+
+def test_unreachable_target_gives_never_sure():
+    crit = np.array([np.inf, 1.0, -np.inf, -np.inf])
+    tau, recall = calibrate_margin(crit, 0.99)
+    assert tau == -np.inf and recall == 0.5
