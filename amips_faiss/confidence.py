@@ -36,7 +36,8 @@ def critical_margins(round_gaps: np.ndarray, round_correct: np.ndarray, fallback
     """Per calibration query, the margin τ*_q such that the search is right iff τ < τ*_q.
 
     ``round_gaps [n, R]``: the gap after each round; ``round_correct [n, R]``: whether the argmax
-    list was probed by the end of that round (non-decreasing along R); ``fallback_correct [n]``.
+    list was probed by the end of that round (non-decreasing along R); ``fallback_correct [n]``
+    (at least ``round_correct[:, -1]``: a fallback only adds lists).
     A query stops at the first round with gap ≤ τ; it is right iff that round is correct, or it
     never stops and the fallback is right. Since stopping later only adds lists, correctness is
     monotone in τ, and τ*_q = min gap over the rounds before the first correct one.

@@ -22,14 +22,16 @@ def top_lists(scores: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]
     """
     n, nlist = scores.shape
     m = min(n_lists, nlist)
-    if m < nlist:
-        part = np.argpartition(-scores, m - 1, axis=1)[:, :m]
+    if m <= 32:  # a partial heap (torch.topk) beats numpy's partition for few lists
+        top = torch.topk(torch.from_numpy(np.ascontiguousarray(scores, np.float32)), m, dim=1, sorted=True)
+        out_scores, lists = top.values.numpy(), top.indices.numpy()
     else:
-        part = np.broadcast_to(np.arange(nlist), (n, nlist))
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-part_scores, axis=1, kind="stable")
-    lists = np.take_along_axis(part, order, axis=1).astype(np.int64)
-    out_scores = np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
+        part = np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < nlist else \
+            np.broadcast_to(np.arange(nlist), (n, nlist))
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        lists = np.take_along_axis(part, order, axis=1).astype(np.int64)
+        out_scores = np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
     if n_lists > nlist:
         pad = n_lists - nlist
         lists = np.hstack([lists, np.full((n, pad), -1, np.int64)])

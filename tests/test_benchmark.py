@@ -1,0 +1,19 @@
+import json
+
+from benchmarks.run import main
+
+
+def test_quick_synthetic_benchmark_end_to_end(tmp_path):
+    main(["--data", "synthetic", "--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "synthetic-quick.json").read_text())
+    methods = {p["method"] for p in result["points"]}
+    assert {"exact", "faiss IVFFlat", "AMIPS supportnet", "AMIPS supportnet +confidence", "oracle router"} <= methods
+    assert any(m.startswith("faiss HNSW32") for m in methods)
+    exact = [p for p in result["points"] if p["method"] == "exact"]
+    assert exact[0]["match_rate"] == 1.0 and exact[0]["recall@10"] == 1.0
+    oracle = [p for p in result["points"] if p["method"] == "oracle router"]
+    assert oracle[0]["match_rate"] == 1.0
+    for p in result["points"]:
+        assert 0 <= p["match_rate"] <= 1 and p["qps"] > 0
+    assert (tmp_path / "synthetic-quick.md").read_text().startswith("| method |")
+    assert (tmp_path / "synthetic-quick.png").stat().st_size > 1000
