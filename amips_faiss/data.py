@@ -1,7 +1,6 @@
 """Key/query sets: synthetic generators for tests and loaders for real sets. numpy only."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -92,11 +91,3 @@ def load_dataset(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     if os.path.isdir(name):
         return load_folder(name)
     raise ValueError(f"unknown data set {name!r}: use glove, debian, synthetic or a folder path")
-
-
-def describe(keys: np.ndarray, queries: np.ndarray) -> str:
-    """One line describing a key/query set (sizes and key norm range)."""
-    norms = np.linalg.norm(keys, axis=1)
-    return json.dumps({"n_keys": len(keys), "n_queries": len(queries), "d": keys.shape[1],
-                       "key_norm_min": round(float(norms.min()), 4),
-                       "key_norm_max": round(float(norms.max()), 4)})

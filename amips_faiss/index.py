@@ -103,22 +103,16 @@ class IndexAMIPS:
     def from_ivf(cls, ivf_index, router: str = "supportnet", **router_size) -> "IndexAMIPS":
         """Wrap an existing trained faiss IVF index (IVFFlat, IVFScalarQuantizer, IVFPQ, fast-scan,
         or an index_factory result holding one). Its lists are used in place, not copied."""
-        if not isinstance(ivf_index, faiss.Index):
-            raise TypeError(f"from_ivf needs a faiss index, got {type(ivf_index).__name__}")
-        try:
-            ivf = faiss.extract_index_ivf(ivf_index)
-        except RuntimeError as exc:
-            raise TypeError(f"from_ivf needs a faiss IVF index, got {type(ivf_index).__name__}") from exc
-        if ivf is not ivf_index and faiss.downcast_index(ivf_index) is not None and \
-                not isinstance(faiss.downcast_index(ivf_index), faiss.IndexIVF):
-            raise TypeError("from_ivf wraps a bare IVF index; a pre-transform (e.g. OPQ, PCA) in front "
-                            "of it is not supported")
+        ivf = faiss.downcast_index(ivf_index) if isinstance(ivf_index, faiss.Index) else None
+        if not isinstance(ivf, faiss.IndexIVF):
+            raise TypeError(f"from_ivf needs a faiss IVF index (a pre-transform such as OPQ or PCA in front of "
+                            f"it is not supported), got {type(ivf_index).__name__}")
         if ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError("from_ivf needs an inner-product IVF index (faiss.METRIC_INNER_PRODUCT)")
         if not ivf.is_trained:
             raise RuntimeError("from_ivf needs a trained IVF index: call ivf.train(x) first")
         index = cls.__new__(cls)
-        index._setup(faiss.downcast_index(ivf), router, **router_size)
+        index._setup(ivf, router, **router_size)
         index._owner = ivf_index  # the downcast proxy does not own the C++ index: keep the owner alive
         index._trained_fingerprints = None  # the user's own keys go straight into their lists
         return index
@@ -127,6 +121,7 @@ class IndexAMIPS:
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {ROUTERS}")
         self.ivf = ivf
+        self._centroids = None
         self.router_name = router
         self.router_size = {"width": width, "depth": depth, "linear_rank": linear_rank}
         self.buffer = faiss.IndexIDMap2(faiss.IndexFlatIP(ivf.d))
@@ -171,8 +166,12 @@ class IndexAMIPS:
                 f"buffer={self.buffer.ntotal}, target_recall={self.target_recall}, fallback={self.fallback!r})")
 
     def centroids(self) -> np.ndarray:
-        """The IVF centroids ``[nlist, d] float32``."""
-        return self.ivf.quantizer.reconstruct_n(0, self.nlist)
+        """The IVF centroids ``[nlist, d] float32`` (read from the quantizer once it is trained)."""
+        if not self.ivf.is_trained:
+            raise RuntimeError("the IVF lists are untrained: call index.train(keys, queries) first")
+        if self._centroids is None:
+            self._centroids = self.ivf.quantizer.reconstruct_n(0, self.nlist)
+        return self._centroids
 
     # ------------------------------------------------------------ training
 
@@ -207,8 +206,8 @@ class IndexAMIPS:
             warnings.warn("train() got no queries: the router learns from perturbed key directions, a proxy "
                           "for real traffic; pass queries from your workload for a better router", stacklevel=2)
             sample = xb[rng.choice(len(xb), size=min(len(xb), 20_000), replace=False)]
-            queries = augment_queries(sample / np.linalg.norm(sample, axis=1, keepdims=True).clip(1e-12), 0)
-            queries = queries + 0.1 * rng.standard_normal(queries.shape).astype(np.float32) / math.sqrt(self.d)
+            directions = sample / np.linalg.norm(sample, axis=1, keepdims=True).clip(1e-12)
+            queries = directions + 0.1 * rng.standard_normal(sample.shape).astype(np.float32) / math.sqrt(self.d)
         queries = check_vectors(queries, "queries", d=self.d)
         n = len(queries)
         cal_frac = min(0.25, n_calibration / n) if n_calibration else 0.0
@@ -387,7 +386,8 @@ class IndexAMIPS:
             probed[active] += (lists >= 0).sum(axis=1)
             rounds += 1
             next_scores = route_scores[active, end] if end < route_scores.shape[1] else np.full(len(active), -np.inf)
-            found = np.where(D[active, k - 1] <= _EMPTY_SCORE, -np.inf, D[active, k - 1])
+            # the best score found: target_recall is calibrated for the match rate (recall@1)
+            found = np.where(D[active, 0] <= _EMPTY_SCORE, -np.inf, D[active, 0])
             active = active[confidence.gaps(next_scores, found, q_norm[active]) > p.margin]
             begin = end
             if not len(active):
@@ -481,8 +481,7 @@ class IndexAMIPS:
         """The quantizer's distance of each query to each list's centroid (residual codes need it)."""
         if isinstance(self.ivf, faiss.IndexIVFFlat) or not self.ivf.by_residual:
             return np.zeros(lists.shape, np.float32)
-        c = self.router.centroids if hasattr(self.router, "centroids") else self.centroids()
-        cents = c[lists.clip(0)]
+        cents = self.centroids()[lists.clip(0)]
         if self.ivf.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT:
             return np.einsum("nd,npd->np", xq, cents)
         return ((xq[:, None, :] - cents) ** 2).sum(axis=2)
@@ -494,6 +493,13 @@ class IndexAMIPS:
         cols = probed_lists.reshape(-1)
         done[rows[cols >= 0], cols[cols >= 0]] = True
         coarse = None
+        if p.fallback == "exact" and isinstance(self.ivf, faiss.IndexIVFFlat):
+            # exact answer by BLAS over the raw lists (faster than faiss's per-vector IVF scan)
+            D[active], I[active] = _EMPTY_SCORE, -1
+            if self.buffer.ntotal:
+                _merge_into(D, I, active, *self.buffer.search(xq[active], k))
+            _merge_into(D, I, active, *self._exact_flat(xq[active], k))
+            return (~done).sum(axis=1)
         if p.fallback == "exact":
             lists = np.where(done, -1, np.arange(self.nlist)[None, :])
         else:
@@ -501,6 +507,40 @@ class IndexAMIPS:
             lists = np.where(np.take_along_axis(done, lists.clip(0), axis=1), -1, lists)
         _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse))
         return (lists >= 0).sum(axis=1)
+
+    def _exact_flat(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over every key of a flat IVF by BLAS on views of its lists (no copy of the keys)."""
+        invlists, d = self.ivf.invlists, self.d
+        views, ids = [], []
+        for i in range(self.nlist):
+            size = invlists.list_size(i)
+            if size:
+                codes = faiss.rev_swig_ptr(invlists.get_codes(i), size * d * 4)
+                views.append(codes.view(np.float32).reshape(size, d))
+                ids.append(faiss.rev_swig_ptr(invlists.get_ids(i), size))
+        n = len(xq)
+        D = np.full((n, k), _EMPTY_SCORE, np.float32)
+        I = np.full((n, k), -1, np.int64)
+        if not views:
+            return D, I
+        all_ids = np.concatenate(ids)
+        total = len(all_ids)
+        block = max(1, (256 << 20) // (4 * total))
+        kk = min(k, total)
+        for lo in range(0, n, block):
+            x = xq[lo:lo + block]
+            scores = np.empty((len(x), total), np.float32)
+            offset = 0
+            for v in views:
+                np.matmul(x, v.T, out=scores[:, offset:offset + len(v)])
+                offset += len(v)
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < total else \
+                np.broadcast_to(np.arange(total), (len(x), total))
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_scores, axis=1, kind="stable")
+            D[lo:lo + block, :kk] = np.take_along_axis(top_scores, order, axis=1)
+            I[lo:lo + block, :kk] = all_ids[np.take_along_axis(top, order, axis=1)]
+        return D, I
 
     def predict(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The model's own answer, without confidence test or fallback: the router's predicted

@@ -82,11 +82,13 @@ def mips_to_l2(keys: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.nd
             np.hstack([queries, np.zeros((len(queries), 1), np.float32)]).astype(np.float32))
 
 
-def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=None, steps=None) -> dict:
+def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=None, steps=None,
+        n_train: int | None = None, time_limit: float | None = None, compressed: bool = True) -> dict:
     af.set_num_threads(2)  # building and training use both cores; searches are timed at `threads`
     keys, queries = load_dataset(data, seed=seed)
     n_test = 1000 if quick else 5000
-    n_train = 20_000 if quick else 100_000
+    n_train = n_train or (20_000 if quick else 100_000)
+    time_limit = time_limit or (120 if quick else 300)
     parts = split_queries(queries, {"test": min(0.2, n_test / len(queries)),
                                     "train": min(0.8, n_train / len(queries))}, seed=seed)
     test, train_q = queries[parts["test"]], queries[parts["train"]]
@@ -100,7 +102,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     flat.add(keys)
     exact = support_values(keys, test, progress=True)
     _, exact10 = flat.search(test, 10)
-    bench = Bench(keys, test, exact.values, exact10, repeats=3 if quick else 5)
+    bench = Bench(keys, test, exact.values, exact10, repeats=3)
     af.set_num_threads(threads)
     bench.measure("exact", "IndexFlatIP", lambda x: flat.search(x, 10))
 
@@ -115,7 +117,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
             first = next(iter(indexes.values()))
             index.ivf.quantizer.add(first.centroids())
             index.ivf.is_trained = True
-        index.train(keys, train_q, steps=steps, time_limit=120 if quick else 300, seed=seed)
+        index.train(keys, train_q, steps=steps, time_limit=time_limit, seed=seed)
         index.add(keys)
         build[router] = time.perf_counter() - t
         indexes[router] = index
@@ -151,8 +153,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
             point = bench.measure(f"AMIPS {router}", f"nprobe={p}", lambda x: index.search(x, 10, params),
                                   lists=p, build_seconds=build[router])
             point["router_us"] = index.stats.router_seconds_per_query * 1e6
-        for target in (0.9, 0.95, 0.97, 0.99, 0.995):
-            for nprobe in (1, 2, 4):
+        for target in (0.9, 0.95, 0.99, 0.995):
+            for nprobe in (1, 2):
                 params = af.SearchParametersAMIPS(nprobe=nprobe, target_recall=target, fallback="exact",
                                                   max_nprobe=max(nprobe, nlist // 8))
                 point = bench.measure(f"AMIPS {router} +confidence", f"target={target} nprobe={nprobe}",
@@ -160,8 +162,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
                 point.update(lists=index.stats.mean_lists_probed, fallback_share=index.stats.fallback_share,
                              router_us=index.stats.router_seconds_per_query * 1e6, target=target)
 
-    if not quick and d % 2 == 0:
-        _compressed(bench, d, nlist, keys, train_q, steps, seed, threads)
+    if compressed and not quick and d % 2 == 0:
+        _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit)
 
     best_lists = support_values(keys, test, base.ivf.quantizer.assign(keys, 1).reshape(-1), nlist,
                                 progress=False).cluster_values.argmax(axis=1)
@@ -187,7 +189,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     return result
 
 
-def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads):
+def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit):
     """A user's own compressed index (IVF + PQ fast-scan, d/2 × 4-bit codes) with and without
     learned routing on top (``from_ivf``: the lists are used in place)."""
     af.set_num_threads(2)
@@ -197,7 +199,7 @@ def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads):
     pq.add(keys)
     pq_build = time.perf_counter() - t
     wrapped = af.IndexAMIPS.from_ivf(pq, router="supportnet")
-    wrapped.train(queries=train_q, steps=steps, time_limit=300, seed=seed)
+    wrapped.train(queries=train_q, steps=steps, time_limit=time_limit, seed=seed)
     train_seconds = time.perf_counter() - t - pq_build
     af.set_num_threads(threads)
     ivf = faiss.extract_index_ivf(pq)
@@ -307,10 +309,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads for the timed searches (default 1)")
     ap.add_argument("--routers", default=None, help="comma-separated routers (default: all; quick: supportnet)")
     ap.add_argument("--steps", type=int, default=None, help="router training steps")
+    ap.add_argument("--train-queries", type=int, default=None, help="query samples to train on")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds of training per router")
+    ap.add_argument("--skip-compressed", action="store_true", help="leave out the IVFPQ fast-scan comparison")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     run(args.data, args.quick, args.threads, args.out,
-        routers=args.routers.split(",") if args.routers else None, steps=args.steps)
+        routers=args.routers.split(",") if args.routers else None, steps=args.steps,
+        n_train=args.train_queries, time_limit=args.time_limit, compressed=not args.skip_compressed)
 
 
 if __name__ == "__main__":
