@@ -284,7 +284,11 @@ def _plot(points, path, title):
         return
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for m in dict.fromkeys(p["method"] for p in points):
-        pts = sorted((p["match_rate"], p["qps"]) for p in points if p["method"] == m)
+        pts, best = [], 0.0  # the method's Pareto frontier: no point both slower and less accurate
+        for match, qps in sorted(((p["match_rate"], p["qps"]) for p in points if p["method"] == m), reverse=True):
+            if qps > best:
+                pts.append((match, qps))
+                best = qps
         ax.plot([a for a, _ in pts], [b for _, b in pts], "o-" if len(pts) > 1 else "*", label=m, ms=4)
     ax.set_yscale("log")
     ax.set_xlabel("match rate (recall@1 vs exact)")
