@@ -55,6 +55,15 @@ class Bench:
         return point
 
 
+def memory_bytes(index) -> int:
+    """Bytes an index takes when saved: faiss serialisation, or the IndexAMIPS file (lists + router)."""
+    if isinstance(index, af.IndexAMIPS):
+        model = index.router.model
+        params = sum(t.numel() * t.element_size() for t in model.state_dict().values()) if model is not None else 0
+        return memory_bytes(index.ivf) + params
+    return int(faiss.serialize_index(index).nbytes)
+
+
 class OracleRouter(Router):
     """The ceiling of learned routing: the list holding the true argmax first, then centroid order.
     Knows the answers of the benchmark's test queries only (rows in order)."""
@@ -104,7 +113,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     _, exact10 = flat.search(test, 10)
     bench = Bench(keys, test, exact.values, exact10, repeats=3)
     af.set_num_threads(threads)
-    bench.measure("exact", "IndexFlatIP", lambda x: flat.search(x, 10))
+    bench.measure("exact", "IndexFlatIP", lambda x: flat.search(x, 10), memory_bytes=memory_bytes(flat))
 
     routers = routers or (["supportnet"] if quick else ["supportnet", "linear", "keynet", "centroid"])
     steps = steps or (800 if quick else 6000)
@@ -130,7 +139,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     sweep = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist]
     for p in tqdm(sweep, desc="IVF sweep", leave=False):
         ivf.nprobe = p
-        bench.measure("faiss IVFFlat", f"nprobe={p}", lambda x: ivf.search(x, 10), lists=p)
+        bench.measure("faiss IVFFlat", f"nprobe={p}", lambda x: ivf.search(x, 10), lists=p,
+                      memory_bytes=memory_bytes(ivf))
 
     af.set_num_threads(2)
     t = time.perf_counter()
@@ -144,21 +154,22 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     for ef in tqdm((16, 32, 64, 128, 256, 512), desc="HNSW sweep", leave=False):
         hnsw.hnsw.efSearch = ef
         bench.measure(hnsw_name, f"efSearch={ef}", lambda x: hnsw.search(hnsw_test, 10),
-                      build_seconds=hnsw_build)
+                      build_seconds=hnsw_build, memory_bytes=memory_bytes(hnsw))
     _optional_peers(bench, keys, test, threads, quick)
 
     for router, index in indexes.items():
         for p in [p for p in sweep if p <= 64]:
             params = af.SearchParametersAMIPS(nprobe=p, margin=math.inf)
             point = bench.measure(f"AMIPS {router}", f"nprobe={p}", lambda x: index.search(x, 10, params),
-                                  lists=p, build_seconds=build[router])
+                                  lists=p, build_seconds=build[router], memory_bytes=memory_bytes(index))
             point["router_us"] = index.stats.router_seconds_per_query * 1e6
         for target in (0.9, 0.95, 0.99, 0.995):
             for nprobe in (1, 2):
                 params = af.SearchParametersAMIPS(nprobe=nprobe, target_recall=target, fallback="exact",
                                                   max_nprobe=max(nprobe, nlist // 8))
                 point = bench.measure(f"AMIPS {router} +confidence", f"target={target} nprobe={nprobe}",
-                                      lambda x: index.search(x, 10, params), build_seconds=build[router])
+                                      lambda x: index.search(x, 10, params), build_seconds=build[router],
+                                      memory_bytes=memory_bytes(index))
                 point.update(lists=index.stats.mean_lists_probed, fallback_share=index.stats.fallback_share,
                              router_us=index.stats.router_seconds_per_query * 1e6, target=target)
 
@@ -206,10 +217,11 @@ def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit
     for p in (1, 2, 4, 8, 16, 32, 64, 128):
         ivf.nprobe = p
         bench.measure(f"faiss IVF{nlist},PQ{d // 2}x4fs", f"nprobe={p}", lambda x: pq.search(x, 10), lists=p,
-                      build_seconds=pq_build)
+                      build_seconds=pq_build, memory_bytes=memory_bytes(pq))
         params = af.SearchParametersAMIPS(nprobe=p, margin=math.inf)
         bench.measure("AMIPS supportnet over IVFPQ-fs (from_ivf)", f"nprobe={p}",
-                      lambda x: wrapped.search(x, 10, params), lists=p, build_seconds=pq_build + train_seconds)
+                      lambda x: wrapped.search(x, 10, params), lists=p, build_seconds=pq_build + train_seconds,
+                      memory_bytes=memory_bytes(wrapped))
 
 
 def _optional_peers(bench, keys, test, threads, quick):
