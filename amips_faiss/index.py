@@ -549,8 +549,8 @@ class IndexAMIPS:
         if not self.is_trained:
             raise RuntimeError("predict before train: call index.train(keys, queries) first")
         scores, lists = self.router.route(xq, 1)
-        if isinstance(self.router, KeyNetProjectionRouter):
-            predicted = (self.router.model(torch.from_numpy(xq)).detach().numpy() * xq).sum(axis=1)
+        if isinstance(self.router, KeyNetProjectionRouter):  # Euler: h(q) = <∇h(q), q>
+            predicted = (self.router.project(xq) * xq).sum(axis=1) / np.linalg.norm(xq, axis=1).clip(1e-30)
         else:
             predicted = scores[:, 0]
         _, ids = self._scan(xq, 1, lists, scores if isinstance(self.router, CentroidRouter) else None)
