@@ -10,25 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
 
+from .data import load_npy
 from .index import ROUTERS, IndexAMIPS, SearchParametersAMIPS, set_num_threads
 from .io import read_index, write_index
 from .validation import check_vectors
 
 
 def _load(path: str, name: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name} file not found: {path}")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{name} file {path} is not a plain numeric .npy file: {exc}") from exc
-    return check_vectors(arr, name)
+    return check_vectors(load_npy(path, name), name)
 
 
 def _params(args) -> SearchParametersAMIPS:

@@ -53,25 +53,28 @@ def load_glove(n_keys: int = 300_000, seed: int = 0) -> tuple[np.ndarray, np.nda
     return vectors[order[:n_keys]], vectors[order[n_keys:]]
 
 
+def load_npy(path: str, name: str) -> np.ndarray:
+    """A 2-D float ``.npy`` file as a C-contiguous float32 array; refuses pickles and object arrays."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} file not found: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{name} file {path} is not a plain numeric .npy file: {exc}") from exc
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{name} file {path} must hold a 2-D float array, got {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
 def load_folder(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Load ``keys.npy`` and ``queries.npy`` from a folder (e.g. ../shared/data/debian) as float32."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"data folder not found: {path}")
-    arrays = []
-    for name in ("keys", "queries"):
-        file = os.path.join(path, f"{name}.npy")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} is missing: a data folder holds keys.npy and queries.npy")
-        try:
-            arr = np.load(file, allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{file} is not a plain numeric .npy file: {exc}") from exc
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"{file} must be a 2-D float array, got {arr.dtype} {arr.shape}")
-        arrays.append(np.ascontiguousarray(arr, dtype=np.float32))
-    if arrays[0].shape[1] != arrays[1].shape[1]:
-        raise ValueError(f"keys are {arrays[0].shape[1]}-d but queries {arrays[1].shape[1]}-d")
-    return arrays[0], arrays[1]
+    keys = load_npy(os.path.join(path, "keys.npy"), "keys")
+    queries = load_npy(os.path.join(path, "queries.npy"), "queries")
+    if keys.shape[1] != queries.shape[1]:
+        raise ValueError(f"keys are {keys.shape[1]}-d but queries {queries.shape[1]}-d")
+    return keys, queries
 
 
 def default_debian_path() -> str:

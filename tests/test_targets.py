@@ -69,7 +69,7 @@ def test_load_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_folder(str(tmp_path / "nope"))
     np.save(tmp_path / "keys.npy", np.zeros((3, 4), np.float16))
-    with pytest.raises(FileNotFoundError, match="queries.npy"):
+    with pytest.raises(FileNotFoundError, match="queries file not found"):
         load_folder(str(tmp_path))
     np.save(tmp_path / "queries.npy", np.zeros((3, 5), np.float16))
     with pytest.raises(ValueError, match="4-d"):
