@@ -19,7 +19,7 @@ import torch
 
 from . import confidence
 from .nn import KeyNet, SupportNet
-from .routing import CentroidRouter, KeyNetProjectionRouter, Router, SupportNetRouter
+from .routing import CentroidRouter, KeyNetProjectionRouter, Router, SupportNetRouter, top_lists
 from .targets import augment_queries, split_queries, support_values
 from .training import TrainConfig, train_direct, train_router
 from .validation import check_fraction, check_ids, check_positive_int, check_vectors
@@ -369,8 +369,9 @@ class IndexAMIPS:
         n, nlist = len(xq), self.nlist
         D = np.full((n, k), _EMPTY_SCORE, np.float32)
         I = np.full((n, k), -1, np.int64)
-        if self.buffer.ntotal:
-            _merge_into(D, I, np.arange(n), *self.buffer.search(xq, k))
+        buffered = self.buffer.search(xq, k) if self.buffer.ntotal else None
+        if buffered is not None:
+            _merge_into(D, I, np.arange(n), *buffered)
         ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) if p.margin < math.inf else \
             [min(p.nprobe, nlist)]
         t = time.perf_counter()
@@ -394,7 +395,7 @@ class IndexAMIPS:
                 break
         n_fallback = len(active) if p.fallback != "none" else 0
         if n_fallback:
-            probed[active] += self._fallback(xq, k, active, route_lists[active, :begin], p, D, I)
+            probed[active] += self._fallback(xq, k, active, route_lists[active, :begin], p, D, I, buffered)
         self.stats = SearchStats(n, float(probed.mean()), rounds, n_fallback / n, router_seconds / n,
                                  time.perf_counter() - start_time)
         return D, I
@@ -486,8 +487,9 @@ class IndexAMIPS:
             return np.einsum("nd,npd->np", xq, cents)
         return ((xq[:, None, :] - cents) ** 2).sum(axis=2)
 
-    def _fallback(self, xq, k, active, probed_lists, p, D, I) -> np.ndarray:
-        """Scan the fallback's lists for the unsure queries; returns lists scanned per query."""
+    def _fallback(self, xq, k, active, probed_lists, p, D, I, buffered) -> np.ndarray:
+        """Scan the fallback's lists for the unsure queries; returns lists scanned per query.
+        ``buffered``: the buffer's results for all queries (or None), kept by an exact rescan."""
         done = np.zeros((len(active), self.nlist), bool)
         rows = np.repeat(np.arange(len(active)), probed_lists.shape[1])
         cols = probed_lists.reshape(-1)
@@ -496,8 +498,8 @@ class IndexAMIPS:
         if p.fallback == "exact" and isinstance(self.ivf, faiss.IndexIVFFlat):
             # exact answer by BLAS over the raw lists (faster than faiss's per-vector IVF scan)
             D[active], I[active] = _EMPTY_SCORE, -1
-            if self.buffer.ntotal:
-                _merge_into(D, I, active, *self.buffer.search(xq[active], k))
+            if buffered is not None:
+                _merge_into(D, I, active, buffered[0][active], buffered[1][active])
             _merge_into(D, I, active, *self._exact_flat(xq[active], k))
             return (~done).sum(axis=1)
         if p.fallback == "exact":
@@ -534,12 +536,8 @@ class IndexAMIPS:
             for v in views:
                 np.matmul(x, v.T, out=scores[:, offset:offset + len(v)])
                 offset += len(v)
-            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if kk < total else \
-                np.broadcast_to(np.arange(total), (len(x), total))
-            top_scores = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            D[lo:lo + block, :kk] = np.take_along_axis(top_scores, order, axis=1)
-            I[lo:lo + block, :kk] = all_ids[np.take_along_axis(top, order, axis=1)]
+            D[lo:lo + block, :kk], rows = top_lists(scores, kk)
+            I[lo:lo + block, :kk] = all_ids[rows]
         return D, I
 
     def predict(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

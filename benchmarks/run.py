@@ -109,9 +109,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
 
     flat = faiss.IndexFlatIP(d)
     flat.add(keys)
-    exact = support_values(keys, test, progress=True)
-    _, exact10 = flat.search(test, 10)
-    bench = Bench(keys, test, exact.values, exact10, repeats=3)
+    exact_scores, exact10 = flat.search(test, 10)
+    bench = Bench(keys, test, exact_scores[:, 0], exact10, repeats=3)
     af.set_num_threads(threads)
     bench.measure("exact", "IndexFlatIP", lambda x: flat.search(x, 10), memory_bytes=memory_bytes(flat))
 
@@ -136,11 +135,12 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
 
     ivf = faiss.IndexIVFFlat(base.ivf.quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.add(keys)
+    ivf_bytes = memory_bytes(ivf)
     sweep = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist]
     for p in tqdm(sweep, desc="IVF sweep", leave=False):
         ivf.nprobe = p
         bench.measure("faiss IVFFlat", f"nprobe={p}", lambda x: ivf.search(x, 10), lists=p,
-                      memory_bytes=memory_bytes(ivf))
+                      memory_bytes=ivf_bytes)
 
     af.set_num_threads(2)
     t = time.perf_counter()
@@ -149,19 +149,21 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     hnsw.hnsw.efConstruction = 80
     hnsw.add(hnsw_keys)
     hnsw_build = time.perf_counter() - t
+    hnsw_bytes = memory_bytes(hnsw)
     af.set_num_threads(threads)
     hnsw_name = "faiss HNSW32" + (" (MIPS→L2)" if unnormalised else "")
     for ef in tqdm((16, 32, 64, 128, 256, 512), desc="HNSW sweep", leave=False):
         hnsw.hnsw.efSearch = ef
         bench.measure(hnsw_name, f"efSearch={ef}", lambda x: hnsw.search(hnsw_test, 10),
-                      build_seconds=hnsw_build, memory_bytes=memory_bytes(hnsw))
+                      build_seconds=hnsw_build, memory_bytes=hnsw_bytes)
     _optional_peers(bench, keys, test, threads, quick)
 
     for router, index in indexes.items():
+        index_bytes = memory_bytes(index)
         for p in [p for p in sweep if p <= 64]:
             params = af.SearchParametersAMIPS(nprobe=p, margin=math.inf)
             point = bench.measure(f"AMIPS {router}", f"nprobe={p}", lambda x: index.search(x, 10, params),
-                                  lists=p, build_seconds=build[router], memory_bytes=memory_bytes(index))
+                                  lists=p, build_seconds=build[router], memory_bytes=index_bytes)
             point["router_us"] = index.stats.router_seconds_per_query * 1e6
         for target in (0.9, 0.95, 0.99, 0.995):
             for nprobe in (1, 2):
@@ -169,7 +171,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
                                                   max_nprobe=max(nprobe, nlist // 8))
                 point = bench.measure(f"AMIPS {router} +confidence", f"target={target} nprobe={nprobe}",
                                       lambda x: index.search(x, 10, params), build_seconds=build[router],
-                                      memory_bytes=memory_bytes(index))
+                                      memory_bytes=index_bytes)
                 point.update(lists=index.stats.mean_lists_probed, fallback_share=index.stats.fallback_share,
                              router_us=index.stats.router_seconds_per_query * 1e6, target=target)
 
@@ -214,14 +216,15 @@ def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit
     train_seconds = time.perf_counter() - t - pq_build
     af.set_num_threads(threads)
     ivf = faiss.extract_index_ivf(pq)
+    pq_bytes, wrapped_bytes = memory_bytes(pq), memory_bytes(wrapped)
     for p in (1, 2, 4, 8, 16, 32, 64, 128):
         ivf.nprobe = p
         bench.measure(f"faiss IVF{nlist},PQ{d // 2}x4fs", f"nprobe={p}", lambda x: pq.search(x, 10), lists=p,
-                      build_seconds=pq_build, memory_bytes=memory_bytes(pq))
+                      build_seconds=pq_build, memory_bytes=pq_bytes)
         params = af.SearchParametersAMIPS(nprobe=p, margin=math.inf)
         bench.measure("AMIPS supportnet over IVFPQ-fs (from_ivf)", f"nprobe={p}",
                       lambda x: wrapped.search(x, 10, params), lists=p, build_seconds=pq_build + train_seconds,
-                      memory_bytes=memory_bytes(wrapped))
+                      memory_bytes=wrapped_bytes)
 
 
 def _optional_peers(bench, keys, test, threads, quick):

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from amips_faiss.cli import main
 from amips_faiss.data import make_clustered
