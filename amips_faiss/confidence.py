@@ -2,10 +2,14 @@
 lists not yet probed? And the margin that reaches a target recall on calibration queries. numpy only.
 
 A query probes lists in router order, in rounds that end after ``p_1 < p_2 < ... < p_R`` lists.
-After round r its *gap* is (predicted score of list p_r + 1 − best score found) / ||q||: the
-router's claim that an unprobed list may still beat the answer, in units of the query norm (the
-test is scale-free, as the support function is 1-homogeneous). A query is **sure** when
-gap ≤ τ; unsure queries go on to the next round, and past the last one to the fallback.
+After round r its *gap* is (predicted score of list p_r + 1 − reference) / ||q||: the router's
+claim that an unprobed list may still beat the answer, in units of the query norm (the test is
+scale-free, as the support function is 1-homogeneous). The reference is the best score found,
+blended with weight λ (``blend``) with the router's own prediction for its first list:
+(1 − λ)·found + λ·predicted_first. The router's errors on one query's lists are correlated, so
+a query whose answer beats the router's forecast for it (found > predicted_first) also warrants
+doubt about the lists not yet probed; λ is chosen on the calibration queries. A query is **sure**
+when gap ≤ τ; unsure queries go on to the next round, and past the last one to the fallback.
 """
 from __future__ import annotations
 
@@ -24,10 +28,18 @@ def probe_schedule(nprobe: int, max_nprobe: int, nlist: int) -> list[int]:
     return ends + [max_nprobe]
 
 
-def gaps(next_scores: np.ndarray, found: np.ndarray, q_norm: np.ndarray) -> np.ndarray:
-    """(next_scores − found) / ||q||; +inf where nothing was found, −inf where no list is left."""
+BLENDS = (0.0, 0.25, 0.5, 0.75)  # the weights λ tried by calibration
+
+
+def gaps(next_scores: np.ndarray, found: np.ndarray, q_norm: np.ndarray, first_scores: np.ndarray | None = None,
+         blend: float = 0.0) -> np.ndarray:
+    """(next_scores − (1 − λ)·found − λ·first_scores) / ||q||, all ``[n]``; +inf where nothing was
+    found, −inf where no list is left."""
+    reference = found.astype(np.float64)
+    if blend:
+        reference = (1.0 - blend) * reference + blend * first_scores
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        g = (next_scores.astype(np.float64) - found) / np.maximum(q_norm, 1e-30)
+        g = (next_scores.astype(np.float64) - reference) / np.maximum(q_norm, 1e-30)
     g = np.where(np.isneginf(found), np.inf, g)
     return np.where(np.isneginf(next_scores), -np.inf, g)
 
@@ -55,7 +67,8 @@ def calibrate_margin(critical: np.ndarray, target_recall: float) -> tuple[float,
 
     Uses the ⌈target·(n+1)⌉-th largest critical margin (a conformal-style finite-sample
     correction). Returns ``(τ, calibration recall at τ)``; τ = −inf means "never sure" (every query
-    runs all rounds and the fallback), the best the schedule can do.
+    runs all rounds and the fallback), the best the schedule can do; τ = +inf "always sure" (enough
+    queries are right after the first round: a query with τ*_q = +inf is right at any τ).
     """
     n = len(critical)
     if n == 0:
@@ -63,4 +76,13 @@ def calibrate_margin(critical: np.ndarray, target_recall: float) -> tuple[float,
     m = min(n, math.ceil(target_recall * (n + 1)))
     v = np.sort(critical)[::-1][m - 1]
     tau = float(np.nextafter(v, -np.inf)) if np.isfinite(v) else float(v)
-    return tau, float(np.mean(tau < critical))
+    return tau, float(np.mean((tau < critical) | np.isposinf(critical)))
+
+
+def mean_lists(round_gaps: np.ndarray, tau: float, ends: list[int], fallback_lists: int) -> float:
+    """Mean lists probed when each query stops at its first round with gap ≤ τ, and one that never
+    stops also scans ``fallback_lists`` more: the search cost a margin implies."""
+    sure = round_gaps <= tau
+    stop = np.where(sure.any(axis=1), sure.argmax(axis=1), len(ends))
+    cost = np.append(np.asarray(ends, np.float64), ends[-1] + fallback_lists)
+    return float(cost[stop].mean())

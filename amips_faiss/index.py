@@ -1,9 +1,10 @@
 """IndexAMIPS: a FAISS-style inner-product index whose IVF lists are probed in the order a learned
 router predicts, with a calibrated confidence test and a fallback.
 
-Search, batched end to end: validate → router scores lists → probe rounds with faiss
-``search_preassigned`` on the *original* queries → confidence test → unsure queries get more lists,
-then the fallback (exact, plain IVF, or none) → ``D [n, k] float32, I [n, k] int64``.
+Search, batched end to end: validate → router scores lists → probe rounds that scan the lists with
+the *original* queries (faiss ``search_preassigned``, or BLAS grouped by list for big batches of flat
+lists: see ``scan``) → confidence test → unsure queries get more lists, then the fallback (exact,
+plain IVF, or none) → ``D [n, k] float32, I [n, k] int64``.
 """
 from __future__ import annotations
 
@@ -15,18 +16,19 @@ from dataclasses import dataclass, replace
 
 import faiss
 import numpy as np
+import threadpoolctl
 import torch
 
 from . import confidence
 from .nn import KeyNet, SupportNet
-from .routing import CentroidRouter, KeyNetProjectionRouter, Router, SupportNetRouter, top_lists
-from .targets import augment_queries, split_queries, support_values
+from .routing import CentroidRouter, KeyNetProjectionRouter, Router, SupportNetRouter
+from .scan import EMPTY_SCORE, SCAN_METHODS, is_flat, scan
+from .targets import augment_queries, split_queries, support_values, transplant_queries
 from .training import TrainConfig, train_direct, train_router
 from .validation import check_fraction, check_ids, check_positive_int, check_vectors
 
 ROUTERS = ("centroid", "linear", "supportnet", "keynet")
 FALLBACKS = ("exact", "ivf", "none")
-_EMPTY_SCORE = np.finfo(np.float32).min  # what faiss returns for a missing result (inner product)
 
 
 @dataclass
@@ -40,7 +42,11 @@ class SearchParametersAMIPS:
     overrides target_recall: ``math.inf`` = always sure, i.e. fixed probing of ``nprobe`` lists;
     ``-math.inf`` = never sure: every query runs all rounds and the fallback. fallback: "exact" (scan every list not
     yet probed: the exact answer for a flat index), "ivf" (the ``fallback_nprobe`` lists of plain
-    centroid routing) or "none".
+    centroid routing) or "none". scan: how lists are scanned, "auto" (BLAS grouped by list for big
+    batches of flat lists, else faiss), "faiss" (always ``search_preassigned``: bit-identical to
+    faiss's own IVF search) or "blas" (see ``amips_faiss.scan``). blend: the weight λ in [0, 1] of
+    the router's first-list prediction in the confidence test (see ``amips_faiss.confidence``);
+    None = chosen with the margin by calibration (0 with an explicit margin).
     """
     nprobe: int | None = None
     max_nprobe: int | None = None
@@ -48,6 +54,8 @@ class SearchParametersAMIPS:
     margin: float | None = None
     fallback: str | None = None
     fallback_nprobe: int | None = None
+    scan: str | None = None
+    blend: float | None = None
 
 
 @dataclass
@@ -63,10 +71,11 @@ class SearchStats:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the threads of faiss (OpenMP) and torch together."""
+    """Set the threads of faiss (OpenMP), torch and numpy's BLAS together."""
     n = check_positive_int(n, "n")
     faiss.omp_set_num_threads(n)
     torch.set_num_threads(n)
+    threadpoolctl.threadpool_limits(n)
 
 
 def row_fingerprints(x: np.ndarray) -> np.ndarray:
@@ -134,6 +143,7 @@ class IndexAMIPS:
         self.nprobe, self.max_nprobe = 1, max(1, ivf.nlist // 4)
         self.target_recall: float | None = None
         self.fallback, self.fallback_nprobe = "exact", max(1, ivf.nlist // 4)
+        self.scan = "auto"
         self.stats = SearchStats()
         self.train_summary: dict = {}
         if ivf.is_trained:
@@ -176,7 +186,8 @@ class IndexAMIPS:
     # ------------------------------------------------------------ training
 
     def train(self, xb: np.ndarray | None = None, queries: np.ndarray | None = None, *, steps: int = 4000,
-              batch_size: int = 512, time_limit: float | None = 420.0, augment: int = 1, n_calibration: int = 2000,
+              batch_size: int = 512, time_limit: float | None = 420.0, augment: int = 1, transplant: float = 1.0,
+              n_calibration: int = 5000,
               n_validation: int = 1000, target_recall: float = 0.95, seed: int = 0, progress: bool = True,
               checkpoint: str | None = None, device: str | None = None) -> "IndexAMIPS":
         """Learn the lists (faiss k-means on ``xb``, if untrained) and the router for ``queries``.
@@ -184,7 +195,8 @@ class IndexAMIPS:
         xb ``[N, d]``: the keys the router learns (default: the keys already in the index).
         queries ``[n, d]``: samples of the query traffic. Without them, perturbed key directions stand
         in (a proxy, with a warning). Part of the queries is held out to validate training and to
-        calibrate the confidence margin; the rest, plus ``augment`` noisy copies, trains the router.
+        calibrate the confidence margin; the rest, plus ``augment`` noisy copies and ``transplant`` ×
+        as many synthetic queries near other keys (``targets.transplant_queries``), trains the router.
         ``time_limit`` (seconds) bounds the router's training; ``checkpoint`` makes it resumable.
         """
         if xb is not None:
@@ -222,6 +234,14 @@ class IndexAMIPS:
         n_cal, n_val = len(parts["calibration"]), len(parts["validation"])
         cal, val, tr = (targets.subset(np.arange(0, n_cal)), targets.subset(np.arange(n_cal, n_cal + n_val)),
                         targets.subset(np.arange(n_cal + n_val, len(everything))))
+        if not isinstance(transplant, (int, float)) or not transplant >= 0:
+            raise ValueError(f"transplant must be a number >= 0, got {transplant!r}")
+        n_synthetic = int(transplant * len(parts["train"])) if self.router_name != "centroid" else 0
+        if n_synthetic > 0:
+            synthetic = transplant_queries(xb, train_q[:len(parts["train"])], tr.ids[:len(parts["train"])],
+                                           n_synthetic, seed=seed)
+            tr = tr.concat(support_values(xb, synthetic, assign, self.nlist, progress=progress))
+            train_q = np.concatenate([train_q, synthetic])
         config = TrainConfig(steps=steps, batch_size=batch_size, time_limit=time_limit, seed=seed,
                              progress=progress, checkpoint=checkpoint, device=device,
                              eval_every=max(50, min(250, steps // 10)))
@@ -367,35 +387,41 @@ class IndexAMIPS:
         p = self._resolve(params)
         start_time = time.perf_counter()
         n, nlist = len(xq), self.nlist
-        D = np.full((n, k), _EMPTY_SCORE, np.float32)
+        D = np.full((n, k), EMPTY_SCORE, np.float32)
         I = np.full((n, k), -1, np.int64)
-        buffered = self.buffer.search(xq, k) if self.buffer.ntotal else None
-        if buffered is not None:
-            _merge_into(D, I, np.arange(n), *buffered)
+        if self.buffer.ntotal:  # keys the router has not seen: scanned exactly for every query
+            _merge_into(D, I, np.arange(n), *self.buffer.search(xq, k))
         ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) if p.margin < math.inf else \
             [min(p.nprobe, nlist)]
-        t = time.perf_counter()
-        route_scores, route_lists = self.router.route(xq, min(ends[-1] + 1, nlist))
-        router_seconds = time.perf_counter() - t
+        router_seconds = -time.perf_counter()
+        rank = self.router.ranker(xq)  # scores the batch once; each round ranks its active rows
+        router_seconds += time.perf_counter()
         q_norm = np.linalg.norm(xq, axis=1)
+        first_scores = None  # the router's score of each query's first list
         probed = np.zeros(n, np.int64)
         active, begin, rounds = np.arange(n), 0, 0
+        probed_lists = np.zeros((n, 0), np.int64)  # lists probed so far by the active rows
         for end in ends:
-            lists = route_lists[active, begin:end]
-            coarse = route_scores[active, begin:end] if isinstance(self.router, CentroidRouter) else None
-            _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse))
+            t = time.perf_counter()
+            route_scores, route_lists = rank(active, min(end + 1, nlist))
+            router_seconds += time.perf_counter() - t
+            if first_scores is None:
+                first_scores = route_scores[:, 0].astype(np.float64)
+            lists = route_lists[:, begin:end]
+            coarse = route_scores[:, begin:end] if isinstance(self.router, CentroidRouter) else None
+            _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse, p.scan))
             probed[active] += (lists >= 0).sum(axis=1)
             rounds += 1
-            next_scores = route_scores[active, end] if end < route_scores.shape[1] else np.full(len(active), -np.inf)
+            next_scores = route_scores[:, end] if end < route_scores.shape[1] else np.full(len(active), -np.inf)
             # the best score found: target_recall is calibrated for the match rate (recall@1)
-            found = np.where(D[active, 0] <= _EMPTY_SCORE, -np.inf, D[active, 0])
-            active = active[confidence.gaps(next_scores, found, q_norm[active]) > p.margin]
-            begin = end
+            found = np.where(D[active, 0] <= EMPTY_SCORE, -np.inf, D[active, 0])
+            unsure = confidence.gaps(next_scores, found, q_norm[active], first_scores[active], p.blend) > p.margin
+            active, probed_lists, begin = active[unsure], route_lists[unsure, :end], end
             if not len(active):
                 break
         n_fallback = len(active) if p.fallback != "none" else 0
         if n_fallback:
-            probed[active] += self._fallback(xq, k, active, route_lists[active, :begin], p, D, I, buffered)
+            probed[active] += self._fallback(xq, k, active, probed_lists, p, D, I)
         self.stats = SearchStats(n, float(probed.mean()), rounds, n_fallback / n, router_seconds / n,
                                  time.perf_counter() - start_time)
         return D, I
@@ -405,29 +431,37 @@ class IndexAMIPS:
         if params is not None and not isinstance(params, SearchParametersAMIPS):
             raise TypeError(f"params must be SearchParametersAMIPS, got {type(params).__name__}")
         defaults = SearchParametersAMIPS(self.nprobe, self.max_nprobe, self.target_recall, None, self.fallback,
-                                         self.fallback_nprobe)
+                                         self.fallback_nprobe, self.scan)
         p = replace(defaults, **{k: v for k, v in vars(params or SearchParametersAMIPS()).items() if v is not None})
         nprobe = check_positive_int(p.nprobe, "nprobe", maximum=self.nlist)
         max_nprobe = max(nprobe, min(check_positive_int(p.max_nprobe, "max_nprobe"), self.nlist))
         fallback_nprobe = min(check_positive_int(p.fallback_nprobe, "fallback_nprobe"), self.nlist)
         if p.fallback not in FALLBACKS:
             raise ValueError(f"unknown fallback {p.fallback!r}; choose one of {FALLBACKS}")
+        if p.scan not in SCAN_METHODS:
+            raise ValueError(f"unknown scan {p.scan!r}; choose one of {SCAN_METHODS}")
         p = replace(p, nprobe=nprobe, max_nprobe=max_nprobe, fallback_nprobe=fallback_nprobe)
+        if p.blend is not None:
+            if not isinstance(p.blend, (int, float)) or not 0 <= p.blend <= 1:
+                raise ValueError(f"blend must be a number in [0, 1], got {p.blend!r}")
+            p = replace(p, blend=float(p.blend))
         if p.margin is not None:
             if not isinstance(p.margin, (int, float)) or math.isnan(p.margin):
                 raise ValueError(f"margin must be a number, got {p.margin!r}")
-            return replace(p, margin=float(p.margin))
+            return replace(p, margin=float(p.margin), blend=p.blend or 0.0)
         if p.target_recall is None:
-            return replace(p, margin=math.inf)
+            return replace(p, margin=math.inf, blend=0.0)
         target = check_fraction(p.target_recall, "target_recall")
         if self.calibration_queries is None or not len(self.calibration_queries):
             raise RuntimeError("target_recall needs a calibration: train the index with queries first")
-        return replace(p, margin=self.calibrate_margin(target, p)[0])
+        margin, blend, _ = self.calibrate_margin(target, p)
+        return replace(p, margin=margin, blend=blend)
 
-    def calibrate_margin(self, target_recall: float, params: SearchParametersAMIPS) -> tuple[float, float]:
-        """The margin τ that reaches ``target_recall`` on the calibration queries with this probe
-        schedule and fallback, and the calibration recall it gives. Cached per setting."""
-        key = (target_recall, params.nprobe, params.max_nprobe, params.fallback, params.fallback_nprobe)
+    def calibrate_margin(self, target_recall: float, params: SearchParametersAMIPS) -> tuple[float, float, float]:
+        """The margin τ and blend λ that reach ``target_recall`` on the calibration queries with this
+        probe schedule and fallback at the fewest lists probed (λ from ``params.blend``, or tried
+        over ``confidence.BLENDS``), and the calibration recall they give. Cached per setting."""
+        key = (target_recall, params.nprobe, params.max_nprobe, params.fallback, params.fallback_nprobe, params.blend)
         with self._lock:
             if key in self._calibration_cache:
                 return self._calibration_cache[key]
@@ -441,7 +475,6 @@ class IndexAMIPS:
         rank = np.where((lists == best[:, None]).any(axis=1), (lists == best[:, None]).argmax(axis=1), self.nlist)
         q_norm = np.linalg.norm(cq, axis=1)
         padded = np.hstack([scores, np.full((len(cq), 1), -np.inf, np.float32)])
-        round_gaps = np.stack([confidence.gaps(padded[:, e], found[:, e - 1], q_norm) for e in ends], axis=1)
         round_correct = np.stack([rank < e for e in ends], axis=1)
         if params.fallback == "exact":
             fallback_correct = np.ones(len(cq), bool)
@@ -450,95 +483,48 @@ class IndexAMIPS:
             fallback_correct = round_correct[:, -1] | (centroid_lists == best[:, None]).any(axis=1)
         else:
             fallback_correct = round_correct[:, -1]
-        result = confidence.calibrate_margin(
-            confidence.critical_margins(round_gaps, round_correct, fallback_correct), target_recall)
-        if result[1] < target_recall:
+        fallback_lists = self.nlist - ends[-1] if params.fallback == "exact" else \
+            params.fallback_nprobe if params.fallback == "ivf" else 0
+        chosen = None  # (preference, result): reach the target, then fewest lists (or best recall)
+        for blend in confidence.BLENDS if params.blend is None else (params.blend,):
+            round_gaps = np.stack([confidence.gaps(padded[:, e], found[:, e - 1], q_norm, scores[:, 0], blend)
+                                   for e in ends], axis=1)
+            tau, recall = confidence.calibrate_margin(
+                confidence.critical_margins(round_gaps, round_correct, fallback_correct), target_recall)
+            cost = confidence.mean_lists(round_gaps, tau, ends, fallback_lists)
+            preference = (recall >= target_recall, recall if recall < target_recall else -cost)
+            if chosen is None or preference > chosen[0]:
+                chosen = (preference, (tau, blend, recall))
+        result = chosen[1]
+        if result[2] < target_recall:
             warnings.warn(f"target_recall={target_recall} is out of reach with max_nprobe={params.max_nprobe} and "
-                          f"fallback={params.fallback!r} (calibration recall {result[1]:.4f}); "
+                          f"fallback={params.fallback!r} (calibration recall {result[2]:.4f}); "
                           "raise max_nprobe or use fallback='exact'", stacklevel=3)
         with self._lock:
             self._calibration_cache[key] = result
         return result
 
-    def _scan(self, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None
+    def _scan(self, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None, method: str = "auto"
               ) -> tuple[np.ndarray, np.ndarray]:
-        """faiss ``search_preassigned`` of ``xq [n, d]`` over ``lists [n, p]`` (−1 skipped)."""
-        n, width = lists.shape
-        D = np.empty((n, k), np.float32)
-        I = np.empty((n, k), np.int64)
-        if n == 0:
-            return D, I
-        lists = np.ascontiguousarray(lists, np.int64)
-        if coarse is None:
-            coarse = self._coarse_distances(xq, lists)
-        coarse = np.ascontiguousarray(coarse, np.float32)
-        xq = np.ascontiguousarray(xq)
-        params = faiss.SearchParametersIVF(nprobe=width)
-        self.ivf.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
-                                      faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
-        return D, I
+        """The k best keys of ``xq [n, d]`` in ``lists [n, p]`` (−1 skipped); see ``amips_faiss.scan``."""
+        centroids = self.centroids() if coarse is None and not is_flat(self.ivf) else None
+        return scan(self.ivf, xq, k, lists, coarse, centroids, method)
 
-    def _coarse_distances(self, xq: np.ndarray, lists: np.ndarray) -> np.ndarray:
-        """The quantizer's distance of each query to each list's centroid (residual codes need it)."""
-        if isinstance(self.ivf, faiss.IndexIVFFlat) or not self.ivf.by_residual:
-            return np.zeros(lists.shape, np.float32)
-        cents = self.centroids()[lists.clip(0)]
-        if self.ivf.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT:
-            return np.einsum("nd,npd->np", xq, cents)
-        return ((xq[:, None, :] - cents) ** 2).sum(axis=2)
-
-    def _fallback(self, xq, k, active, probed_lists, p, D, I, buffered) -> np.ndarray:
-        """Scan the fallback's lists for the unsure queries; returns lists scanned per query.
-        ``buffered``: the buffer's results for all queries (or None), kept by an exact rescan."""
+    def _fallback(self, xq, k, active, probed_lists, p, D, I) -> np.ndarray:
+        """Scan the fallback's lists not yet probed by the unsure queries ``active``, merging into
+        ``D, I``; returns the lists scanned per query. "exact" scans every other list."""
         done = np.zeros((len(active), self.nlist), bool)
         rows = np.repeat(np.arange(len(active)), probed_lists.shape[1])
         cols = probed_lists.reshape(-1)
         done[rows[cols >= 0], cols[cols >= 0]] = True
         coarse = None
-        if p.fallback == "exact" and isinstance(self.ivf, faiss.IndexIVFFlat):
-            # exact answer by BLAS over the raw lists (faster than faiss's per-vector IVF scan)
-            D[active], I[active] = _EMPTY_SCORE, -1
-            if buffered is not None:
-                _merge_into(D, I, active, buffered[0][active], buffered[1][active])
-            _merge_into(D, I, active, *self._exact_flat(xq[active], k))
-            return (~done).sum(axis=1)
         if p.fallback == "exact":
             lists = np.where(done, -1, np.arange(self.nlist)[None, :])
         else:
             coarse, lists = self.ivf.quantizer.search(xq[active], p.fallback_nprobe)
             lists = np.where(np.take_along_axis(done, lists.clip(0), axis=1), -1, lists)
-        _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse))
+        _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse, p.scan))
         return (lists >= 0).sum(axis=1)
-
-    def _exact_flat(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over every key of a flat IVF by BLAS on views of its lists (no copy of the keys)."""
-        invlists, d = self.ivf.invlists, self.d
-        views, ids = [], []
-        for i in range(self.nlist):
-            size = invlists.list_size(i)
-            if size:
-                codes = faiss.rev_swig_ptr(invlists.get_codes(i), size * d * 4)
-                views.append(codes.view(np.float32).reshape(size, d))
-                ids.append(faiss.rev_swig_ptr(invlists.get_ids(i), size))
-        n = len(xq)
-        D = np.full((n, k), _EMPTY_SCORE, np.float32)
-        I = np.full((n, k), -1, np.int64)
-        if not views:
-            return D, I
-        all_ids = np.concatenate(ids)
-        total = len(all_ids)
-        block = max(1, (256 << 20) // (4 * total))
-        kk = min(k, total)
-        for lo in range(0, n, block):
-            x = xq[lo:lo + block]
-            scores = np.empty((len(x), total), np.float32)
-            offset = 0
-            for v in views:
-                np.matmul(x, v.T, out=scores[:, offset:offset + len(v)])
-                offset += len(v)
-            D[lo:lo + block, :kk], rows = top_lists(scores, kk)
-            I[lo:lo + block, :kk] = all_ids[rows]
-        return D, I
 
     def predict(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The model's own answer, without confidence test or fallback: the router's predicted

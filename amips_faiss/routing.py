@@ -1,10 +1,13 @@
 """Routers: given queries, score every IVF list; the probe order is the score order.
 
-One small interface: ``scores(xq) -> [n, nlist]`` (higher = probe first) and
-``route(xq, n_lists) -> (scores [n, n_lists] descending, lists [n, n_lists] int64, −1 padded)``.
+One small interface: ``scores(xq) -> [n, nlist]`` (higher = probe first),
+``route(xq, n_lists) -> (scores [n, n_lists] descending, lists [n, n_lists] int64, −1 padded)`` and
+``ranker(xq)``, which scores a batch once and then routes any subset of its rows, for search rounds.
 ``macs_per_query`` is the router's own multiply-add count, part of the cost of a search.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,7 +54,12 @@ class Router:
 
     def route(self, xq: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores [n, n_lists], lists [n, n_lists])``, best list first."""
-        return top_lists(self.scores(xq), n_lists)
+        return self.ranker(xq)(slice(None), n_lists)
+
+    def ranker(self, xq: np.ndarray) -> Callable:
+        """Score ``xq [n, d]`` once; the result ``rank(rows, n_lists)`` is ``route(xq[rows], n_lists)``."""
+        scores = self.scores(xq)
+        return lambda rows, n_lists: top_lists(scores[rows], n_lists)
 
     @property
     def macs_per_query(self) -> int:
@@ -62,7 +70,7 @@ class Router:
 class CentroidRouter(Router):
     """Plain IVF: lists ranked by the faiss coarse quantizer (<q, c> for an inner-product index).
 
-    ``route`` calls the quantizer's own search, so the probe lists are exactly faiss's.
+    Routing calls the quantizer's own search, so the probe lists are exactly faiss's.
     """
 
     name = "centroid"
@@ -74,9 +82,8 @@ class CentroidRouter(Router):
     def scores(self, xq: np.ndarray) -> np.ndarray:
         return xq @ self.centroids.T
 
-    def route(self, xq: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
-        D, I = self.quantizer.search(xq, n_lists)
-        return D, I
+    def ranker(self, xq: np.ndarray) -> Callable:
+        return lambda rows, n_lists: self.quantizer.search(xq[rows], n_lists)
 
     @property
     def macs_per_query(self) -> int:
@@ -133,8 +140,9 @@ class KeyNetProjectionRouter(Router):
     def scores(self, xq: np.ndarray) -> np.ndarray:
         return self.project(xq) @ self.centroids.T
 
-    def route(self, xq: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.quantizer.search(self.project(xq), n_lists)
+    def ranker(self, xq: np.ndarray) -> Callable:
+        projected = self.project(xq)
+        return lambda rows, n_lists: self.quantizer.search(projected[rows], n_lists)
 
     @property
     def macs_per_query(self) -> int:

@@ -31,6 +31,11 @@ class SupportTargets:
         cv = None if self.cluster_values is None else self.cluster_values[rows]
         return SupportTargets(self.values[rows], self.ids[rows], cv)
 
+    def concat(self, other: "SupportTargets") -> "SupportTargets":
+        """These targets followed by ``other``'s."""
+        cv = None if self.cluster_values is None else np.concatenate([self.cluster_values, other.cluster_values])
+        return SupportTargets(np.concatenate([self.values, other.values]), np.concatenate([self.ids, other.ids]), cv)
+
 
 def support_values(keys: np.ndarray, queries: np.ndarray, assign: np.ndarray | None = None,
                    nlist: int | None = None, block_size: int | None = None,
@@ -115,3 +120,26 @@ def augment_queries(queries: np.ndarray, copies: int, sigma: float = 0.02, seed:
     noisy = [queries] + [queries + sigma * norms * rng.standard_normal(queries.shape, np.float32)
                          for _ in range(copies)]
     return np.concatenate(noisy).astype(np.float32)
+
+
+def transplant_queries(keys: np.ndarray, queries: np.ndarray, answer_ids: np.ndarray, n: int,
+                       seed: int = 0) -> np.ndarray:
+    """``n`` synthetic queries that look like real ones but sit near other keys.
+
+    Query i's offset from its answer key a_i, in directions, is moved onto a random key j:
+    q = ||q_i|| · (k_j/||k_j|| + q_i/||q_i|| − k_a/||k_a||). Real traffic asks about few of the keys;
+    these queries cover the others with the same kind of query-to-answer offset (their exact
+    targets are computed like any query's). ``answer_ids [len(queries)]``: argmax key rows.
+    Call it on the training split only. Returns ``[n, d] float32``.
+    """
+    keys = check_vectors(keys, "keys")
+    queries = check_vectors(queries, "queries", d=keys.shape[1])
+    if n <= 0:
+        return np.zeros((0, keys.shape[1]), np.float32)
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, len(queries), n)
+    j = rng.integers(0, len(keys), n)
+    unit_keys = keys / np.linalg.norm(keys, axis=1, keepdims=True).clip(1e-30)
+    q_norm = np.linalg.norm(queries[i], axis=1, keepdims=True)
+    offset = queries[i] / q_norm.clip(1e-30) - unit_keys[answer_ids[i]]
+    return (q_norm * (unit_keys[j] + offset)).astype(np.float32)

@@ -50,3 +50,9 @@ def test_unreachable_target_gives_never_sure():
     crit = np.array([np.inf, 1.0, -np.inf, -np.inf])
     tau, recall = calibrate_margin(crit, 0.99)
     assert tau == -np.inf and recall == 0.5
+
+
+def test_target_met_at_the_first_round_gives_always_sure_with_its_true_recall():
+    crit = np.array([np.inf] * 97 + [0.5, -1.0, -np.inf])
+    tau, recall = calibrate_margin(crit, 0.95)
+    assert tau == np.inf and recall == 0.97

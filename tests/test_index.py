@@ -7,6 +7,7 @@ import pytest
 
 import amips_faiss as af
 from amips_faiss.metrics import found_scores, match_rate
+from amips_faiss.scan import EMPTY_SCORE, scan_by_list, scan_preassigned
 
 from .conftest import D, NLIST
 
@@ -24,9 +25,31 @@ def test_centroid_router_returns_exactly_faiss_ivfflat(synthetic, trained):
     for nprobe in (1, 3, 17):
         ivf.nprobe = nprobe
         D_ref, I_ref = ivf.search(synthetic["test"], 10)
-        D_ours, I_ours = index.search(synthetic["test"], 10, af.SearchParametersAMIPS(nprobe=nprobe, margin=FIXED))
+        params = af.SearchParametersAMIPS(nprobe=nprobe, margin=FIXED, scan="faiss")
+        D_ours, I_ours = index.search(synthetic["test"], 10, params)
         np.testing.assert_array_equal(I_ours, I_ref)
         np.testing.assert_array_equal(D_ours, D_ref)
+
+
+@pytest.mark.parametrize("k", [1, 10, 500])
+def test_blas_scan_by_list_gives_faiss_answers(synthetic, trained, k):
+    """Grouping pairs by list (BLAS) finds the same keys as faiss's scan, up to float rounding; lists
+    shorter than k, −1 entries in the plan and user ids included."""
+    index = trained("centroid", synthetic)
+    xq = synthetic["test"][:300]
+    _, lists = index.router.route(xq, 12)
+    lists[::7, 3:] = -1  # some queries probe fewer lists
+    coarse = np.zeros(lists.shape, np.float32)
+    D_ref, I_ref = scan_preassigned(index.ivf, xq, k, lists, coarse)
+    D_ours, I_ours = scan_by_list(index.ivf, xq, k, lists)
+    np.testing.assert_allclose(D_ours, D_ref, rtol=1e-5, atol=1e-4)
+    found = D_ref > EMPTY_SCORE
+    assert (I_ours[~found] == -1).all() and (~found).any() == (k == 500)
+    # ids may only differ between keys of equal score
+    rows = np.nonzero((I_ours != I_ref) & found)[0]
+    assert len(rows) <= 0.01 * found.sum()
+    with pytest.raises(ValueError, match="scan"):
+        index.search(xq, 5, af.SearchParametersAMIPS(scan="simd"))
 
 
 @pytest.mark.parametrize("router", ["centroid", "supportnet"])
@@ -97,8 +120,10 @@ def test_target_recall_is_met_with_fewer_lists_than_centroid_routing(synthetic, 
 
 def test_fallback_ivf_and_none_are_calibrated_per_setting(synthetic, trained):
     index = trained("supportnet", synthetic)
-    tau_exact, _ = index.calibrate_margin(0.99, index._resolve(af.SearchParametersAMIPS(fallback="exact", max_nprobe=2)))
-    tau_none, recall_none = index.calibrate_margin(0.99, index._resolve(af.SearchParametersAMIPS(fallback="none", max_nprobe=2)))
+    settings = {"fallback": "exact", "max_nprobe": 2, "blend": 0.0}
+    tau_exact, _, _ = index.calibrate_margin(0.99, index._resolve(af.SearchParametersAMIPS(**settings)))
+    settings["fallback"] = "none"
+    tau_none, _, _ = index.calibrate_margin(0.99, index._resolve(af.SearchParametersAMIPS(**settings)))
     assert tau_exact >= tau_none
     _, I = index.search(synthetic["test"], 1, af.SearchParametersAMIPS(target_recall=0.9, fallback="ivf", fallback_nprobe=40))
     assert _match(synthetic, I) >= 0.88

@@ -3,7 +3,7 @@ import pytest
 
 from amips_faiss.data import load_folder, make_clustered
 from amips_faiss.metrics import lists_needed, match_rate, recall_at_k
-from amips_faiss.targets import augment_queries, split_queries, support_values
+from amips_faiss.targets import augment_queries, split_queries, support_values, transplant_queries
 
 
 def test_support_values_match_brute_force_unnormalised_with_empty_lists():
@@ -77,3 +77,18 @@ def test_load_folder_errors(tmp_path):
     np.save(tmp_path / "queries.npy", np.zeros((2, 4), np.float16))
     keys, queries = load_folder(str(tmp_path))
     assert keys.dtype == np.float32 and queries.shape == (2, 4)
+
+
+def test_transplanted_queries_keep_query_norms_and_offsets():
+    keys, queries = make_clustered(2000, 500, 16, seed=3)
+    answers = support_values(keys, queries, progress=False).ids
+    synthetic = transplant_queries(keys, queries, answers, 300, seed=1)
+    assert synthetic.shape == (300, 16) and synthetic.dtype == np.float32
+    unit_keys = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    # a query lying on its answer's direction has no offset: its transplants lie on key directions
+    on_key = np.linalg.norm(queries, axis=1, keepdims=True) * unit_keys[answers]
+    moved = transplant_queries(keys, on_key, answers, 300, seed=1)
+    cosine = (moved / np.linalg.norm(moved, axis=1, keepdims=True)) @ unit_keys.T
+    np.testing.assert_allclose(cosine.max(axis=1), 1.0, atol=1e-5)
+    q_norms = np.linalg.norm(queries, axis=1)
+    assert np.isclose(np.linalg.norm(moved, axis=1)[:, None], q_norms[None, :], rtol=1e-5).any(axis=1).all()
