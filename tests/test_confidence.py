@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from amips_faiss.confidence import calibrate_margin, critical_margins, gaps, probe_schedule
+from amips_faiss.confidence import calibrate_margin, critical_margins, gaps, mean_lists, probe_schedule
 
 
 def test_probe_schedule_doubles_up_to_the_cap():
@@ -15,6 +15,20 @@ def test_probe_schedule_doubles_up_to_the_cap():
 def test_gaps_handle_missing_results_and_exhausted_lists():
     g = gaps(np.array([2.0, 1.0, -np.inf]), np.array([1.0, -np.inf, 5.0]), np.array([2.0, 1.0, 1.0]))
     assert g.tolist() == [0.5, np.inf, -np.inf]
+
+
+def test_blended_gap_moves_the_reference_towards_the_routers_first_forecast():
+    next_scores, found, first = np.array([3.0, 3.0]), np.array([2.0, 4.0]), np.array([4.0, 2.0])
+    q_norm = np.array([1.0, 2.0])
+    assert gaps(next_scores, found, q_norm, first, blend=0.0).tolist() == [1.0, -0.5]
+    assert gaps(next_scores, found, q_norm, first, blend=0.5).tolist() == [0.0, 0.0]
+    # a query that beat its forecast (found > first) is less sure after blending
+    assert gaps(next_scores, found, q_norm, first, 0.5)[1] > gaps(next_scores, found, q_norm, first, 0.0)[1]
+
+
+def test_mean_lists_counts_rounds_until_sure_and_the_fallback():
+    round_gaps = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert mean_lists(round_gaps, 0.5, [2, 4, 8], fallback_lists=100) == (2 + 4 + 108) / 3
 
 
 def _simulate(tau, round_gaps, round_correct, fallback_correct):
