@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     b.add_argument("--nlist", type=int)
     b.add_argument("--router", default="supportnet", choices=ROUTERS)
     b.add_argument("--steps", type=int, default=4000)
-    b.add_argument("--time-limit", type=float, default=420.0)
+    b.add_argument("--time-limit", type=float, default=360.0)
     for name, helptext in (("search", "search an index, save D and I as .npz"),
                            ("eval", "match rate, recall@10 and QPS against exact search")):
         s = sub.add_parser(name, help=helptext)

@@ -186,7 +186,7 @@ class IndexAMIPS:
     # ------------------------------------------------------------ training
 
     def train(self, xb: np.ndarray | None = None, queries: np.ndarray | None = None, *, steps: int = 4000,
-              batch_size: int = 512, time_limit: float | None = 420.0, augment: int = 1, transplant: float = 1.0,
+              batch_size: int = 512, time_limit: float | None = 360.0, augment: int = 1, transplant: float = 3.0,
               n_calibration: int = 5000,
               n_validation: int = 1000, target_recall: float = 0.95, seed: int = 0, progress: bool = True,
               checkpoint: str | None = None, device: str | None = None) -> "IndexAMIPS":
