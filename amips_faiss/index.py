@@ -22,7 +22,7 @@ import torch
 from . import confidence
 from .nn import KeyNet, SupportNet
 from .routing import CentroidRouter, KeyNetProjectionRouter, Router, SupportNetRouter
-from .scan import EMPTY_SCORE, SCAN_METHODS, is_flat, scan
+from .scan import EMPTY_SCORE, SCAN_METHODS, FlatListViews, is_flat, scan
 from .targets import augment_queries, split_queries, support_values, transplant_queries
 from .training import TrainConfig, train_direct, train_router
 from .validation import check_fraction, check_ids, check_positive_int, check_vectors
@@ -394,6 +394,7 @@ class IndexAMIPS:
         ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) if p.margin < math.inf else \
             [min(p.nprobe, nlist)]
         router_seconds = -time.perf_counter()
+        views = FlatListViews(self.ivf)  # built once if a round scans flat lists by BLAS
         rank = self.router.ranker(xq)  # scores the batch once; each round ranks its active rows
         router_seconds += time.perf_counter()
         q_norm = np.linalg.norm(xq, axis=1)
@@ -409,7 +410,7 @@ class IndexAMIPS:
                 first_scores = route_scores[:, 0].astype(np.float64)
             lists = route_lists[:, begin:end]
             coarse = route_scores[:, begin:end] if isinstance(self.router, CentroidRouter) else None
-            _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse, p.scan))
+            _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse, p.scan, views))
             probed[active] += (lists >= 0).sum(axis=1)
             rounds += 1
             next_scores = route_scores[:, end] if end < route_scores.shape[1] else np.full(len(active), -np.inf)
@@ -421,7 +422,7 @@ class IndexAMIPS:
                 break
         n_fallback = len(active) if p.fallback != "none" else 0
         if n_fallback:
-            probed[active] += self._fallback(xq, k, active, probed_lists, p, D, I)
+            probed[active] += self._fallback(xq, k, active, probed_lists, p, D, I, views)
         self.stats = SearchStats(n, float(probed.mean()), rounds, n_fallback / n, router_seconds / n,
                                  time.perf_counter() - start_time)
         return D, I
@@ -504,13 +505,13 @@ class IndexAMIPS:
             self._calibration_cache[key] = result
         return result
 
-    def _scan(self, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None, method: str = "auto"
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def _scan(self, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None, method: str = "auto",
+              views: FlatListViews | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k best keys of ``xq [n, d]`` in ``lists [n, p]`` (−1 skipped); see ``amips_faiss.scan``."""
         centroids = self.centroids() if coarse is None and not is_flat(self.ivf) else None
-        return scan(self.ivf, xq, k, lists, coarse, centroids, method)
+        return scan(self.ivf, xq, k, lists, coarse, centroids, method, views)
 
-    def _fallback(self, xq, k, active, probed_lists, p, D, I) -> np.ndarray:
+    def _fallback(self, xq, k, active, probed_lists, p, D, I, views) -> np.ndarray:
         """Scan the fallback's lists not yet probed by the unsure queries ``active``, merging into
         ``D, I``; returns the lists scanned per query. "exact" scans every other list."""
         done = np.zeros((len(active), self.nlist), bool)
@@ -523,7 +524,7 @@ class IndexAMIPS:
         else:
             coarse, lists = self.ivf.quantizer.search(xq[active], p.fallback_nprobe)
             lists = np.where(np.take_along_axis(done, lists.clip(0), axis=1), -1, lists)
-        _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse, p.scan))
+        _merge_into(D, I, active, *self._scan(xq[active], k, lists, coarse, p.scan, views))
         return (lists >= 0).sum(axis=1)
 
     def predict(self, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

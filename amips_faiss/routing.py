@@ -25,11 +25,11 @@ def top_lists(scores: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]
     """
     n, nlist = scores.shape
     m = min(n_lists, nlist)
-    if m <= 32:  # a partial heap (torch.topk) beats numpy's partition for few lists
+    if m <= 12:  # a partial heap (torch.topk) beats numpy's partition for very few lists
         top = torch.topk(torch.from_numpy(np.ascontiguousarray(scores, np.float32)), m, dim=1, sorted=True)
         out_scores, lists = top.values.numpy(), top.indices.numpy()
     else:
-        part = np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < nlist else \
+        part = np.argpartition(scores, nlist - m, axis=1)[:, nlist - m:] if m < nlist else \
             np.broadcast_to(np.arange(nlist), (n, nlist))
         part_scores = np.take_along_axis(scores, part, axis=1)
         order = np.argsort(-part_scores, axis=1, kind="stable")

@@ -13,8 +13,13 @@ between its BLAS and SIMD paths):
   costs ~1.5 µs this way against ~6.4 µs in ``search_preassigned``, once a list has several queries;
   with fewer, its per-list overhead loses.
 
-``scan`` picks: ``method="auto"`` takes ``scan_by_list`` for flat lists when the plan holds at
-least ``BY_LIST_PAIRS_PER_LIST`` pairs per list it touches, else faiss.
+- ``scan_dense``: for flat lists when most queries probe most of the lists it touches (the exact
+  fallback): every query meets every touched list in one BLAS product per list, no grouping, and
+  the pairs outside the plan are masked.
+
+``scan`` picks: ``method="auto"`` takes ``scan_dense`` for flat lists when the plan covers at least
+half of the (query, touched list) pairs, ``scan_by_list`` when it holds at least
+``BY_LIST_PAIRS_PER_LIST`` pairs per touched list, else faiss.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from .routing import top_lists
 
 EMPTY_SCORE = np.finfo(np.float32).min  # what faiss returns for a missing result (inner product)
 BY_LIST_PAIRS_PER_LIST = 8  # measured break-even (Debian, one thread): below it faiss's scan is faster
+DENSE_SHARE = 0.5  # planned share of all (query, touched list) pairs above which scan_dense wins
 SCAN_METHODS = ("auto", "faiss", "blas")
 _MAX_CANDIDATES = 1 << 22  # pairs × k held at once by scan_by_list (bounds its memory)
 
@@ -50,28 +56,46 @@ def flat_lists(ivf) -> tuple[list, list]:
     return keys, ids
 
 
+class FlatListViews:
+    """``flat_lists(ivf)``, built on first use and then reused: one per search call (the rounds of a
+    search share it; the index must not change meanwhile)."""
+
+    def __init__(self, ivf):
+        self._ivf, self._views = ivf, None
+
+    def __call__(self) -> tuple[list, list]:
+        if self._views is None:
+            self._views = flat_lists(self._ivf)
+        return self._views
+
+
 def scan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None = None,
-         centroids: np.ndarray | None = None, method: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+         centroids: np.ndarray | None = None, method: str = "auto", views: FlatListViews | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
     """The k best keys of each query among its ``lists [n, p]``, by the method that suits the plan.
 
     ``coarse [n, p]``: the quantizer's distances to those lists (faiss needs them for residual codes);
-    when None they are computed from ``centroids [nlist, d]``.
+    when None they are computed from ``centroids [nlist, d]``. ``views``: the lists' views to reuse.
     """
     if method not in SCAN_METHODS:
         raise ValueError(f"unknown scan method {method!r}; choose one of {SCAN_METHODS}")
     if method == "blas" and not is_flat(ivf):
         raise ValueError("scan='blas' needs flat lists (IndexIVFFlat); this index compresses its keys")
-    if method == "blas" or (method == "auto" and is_flat(ivf) and _pairs_per_list(lists, ivf.nlist) >= BY_LIST_PAIRS_PER_LIST):
-        return scan_by_list(ivf, xq, k, lists)
+    if method == "blas" or (method == "auto" and is_flat(ivf)):
+        pairs, touched = _plan_size(lists, ivf.nlist)
+        if pairs >= DENSE_SHARE * len(lists) * touched:
+            return scan_dense(ivf, xq, k, lists, views() if views else None)
+        if method == "blas" or pairs >= BY_LIST_PAIRS_PER_LIST * touched:
+            return scan_by_list(ivf, xq, k, lists, views() if views else None)
     if coarse is None:
         coarse = coarse_distances(ivf, centroids, xq, lists)
     return scan_preassigned(ivf, xq, k, lists, coarse)
 
 
-def _pairs_per_list(lists: np.ndarray, nlist: int) -> float:
-    """Mean number of queries per list that the plan touches."""
+def _plan_size(lists: np.ndarray, nlist: int) -> tuple[int, int]:
+    """(query, list) pairs in the plan, and how many lists it touches."""
     planned = lists[lists >= 0]
-    return len(planned) / max(1, np.count_nonzero(np.bincount(planned, minlength=nlist)))
+    return len(planned), max(1, np.count_nonzero(np.bincount(planned, minlength=nlist)))
 
 
 def coarse_distances(ivf, centroids: np.ndarray | None, xq: np.ndarray, lists: np.ndarray) -> np.ndarray:
@@ -102,15 +126,50 @@ def scan_preassigned(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.
     return D, I
 
 
-def scan_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat lists only: group the (query, list) pairs by list, one BLAS product per list."""
-    keys, ids = flat_lists(ivf)
+def scan_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: tuple | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat lists only: group the (query, list) pairs by list, one BLAS product per list.
+    ``views``: ``flat_lists(ivf)`` when the caller has it."""
+    keys, ids = views or flat_lists(ivf)
     n, p = lists.shape
     D = np.full((n, k), EMPTY_SCORE, np.float32)
     I = np.full((n, k), -1, np.int64)
     step = max(1, _MAX_CANDIDATES // max(1, p * k))
     for lo in range(0, n, step):
         D[lo:lo + step], I[lo:lo + step] = _scan_by_list(keys, ids, xq[lo:lo + step], k, lists[lo:lo + step])
+    return D, I
+
+
+def scan_dense(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: tuple | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat lists only: every query against every list the plan touches, unplanned pairs masked.
+    ``views``: ``flat_lists(ivf)`` when the caller has it."""
+    keys, ids = views or flat_lists(ivf)
+    n = len(lists)
+    planned = np.zeros((n, len(keys)), bool)
+    valid = lists >= 0
+    planned[np.nonzero(valid)[0], lists[valid]] = True
+    touched = [i for i in np.flatnonzero(planned.any(axis=0)) if keys[i] is not None]
+    D = np.full((n, k), EMPTY_SCORE, np.float32)
+    I = np.full((n, k), -1, np.int64)
+    if not touched:
+        return D, I
+    column_list = np.concatenate([np.full(len(ids[i]), i) for i in touched])  # the list of each candidate
+    all_ids = np.concatenate([ids[i] for i in touched])
+    total = len(all_ids)
+    kk = min(k, total)
+    step = max(1, _MAX_CANDIDATES // total)
+    for lo in range(0, n, step):
+        x_t = np.ascontiguousarray(xq[lo:lo + step].T)
+        scores_t = np.empty((total, x_t.shape[1]), np.float32)  # one contiguous row block per list
+        offset = 0
+        for i in touched:
+            np.matmul(keys[i], x_t, out=scores_t[offset:offset + len(ids[i])])
+            offset += len(ids[i])
+        scores = np.ascontiguousarray(scores_t.T)
+        scores[~planned[lo:lo + step][:, column_list]] = EMPTY_SCORE
+        D[lo:lo + step, :kk], cols = top_lists(scores, kk)
+        I[lo:lo + step, :kk] = np.where(D[lo:lo + step, :kk] > EMPTY_SCORE, all_ids[cols], -1)
     return D, I
 
 
@@ -122,6 +181,7 @@ def _scan_by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarr
     query_of = order // p
     pair_D = np.full((n * p, k), EMPTY_SCORE, np.float32)  # each pair's k best, in list order
     pair_I = np.full((n * p, k), -1, np.int64)
+    rows = np.arange(n)[:, None]
     for i in np.flatnonzero(np.diff(bounds)):
         if keys[i] is None:
             continue
@@ -130,7 +190,7 @@ def _scan_by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarr
         size = scores.shape[1]
         if size > k:
             best = np.argpartition(scores, size - k, axis=1)[:, size - k:]
-            pair_D[a:b] = np.take_along_axis(scores, best, axis=1)
+            pair_D[a:b] = scores[rows[:b - a], best]
             pair_I[a:b] = ids[i][best]
         else:
             pair_D[a:b, :size] = scores

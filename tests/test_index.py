@@ -7,7 +7,7 @@ import pytest
 
 import amips_faiss as af
 from amips_faiss.metrics import found_scores, match_rate
-from amips_faiss.scan import EMPTY_SCORE, scan_by_list, scan_preassigned
+from amips_faiss.scan import EMPTY_SCORE, scan_by_list, scan_dense, scan_preassigned
 
 from .conftest import D, NLIST
 
@@ -32,16 +32,17 @@ def test_centroid_router_returns_exactly_faiss_ivfflat(synthetic, trained):
 
 
 @pytest.mark.parametrize("k", [1, 10, 500])
-def test_blas_scan_by_list_gives_faiss_answers(synthetic, trained, k):
-    """Grouping pairs by list (BLAS) finds the same keys as faiss's scan, up to float rounding; lists
-    shorter than k, −1 entries in the plan and user ids included."""
+@pytest.mark.parametrize("blas_scan", [scan_by_list, scan_dense])
+def test_blas_scans_give_faiss_answers(synthetic, trained, k, blas_scan):
+    """The BLAS scans (pairs grouped by list, or all queries × touched lists, masked) find the same
+    keys as faiss's scan, up to float rounding; lists shorter than k, −1 entries in the plan included."""
     index = trained("centroid", synthetic)
     xq = synthetic["test"][:300]
     _, lists = index.router.route(xq, 12)
     lists[::7, 3:] = -1  # some queries probe fewer lists
     coarse = np.zeros(lists.shape, np.float32)
     D_ref, I_ref = scan_preassigned(index.ivf, xq, k, lists, coarse)
-    D_ours, I_ours = scan_by_list(index.ivf, xq, k, lists)
+    D_ours, I_ours = blas_scan(index.ivf, xq, k, lists)
     np.testing.assert_allclose(D_ours, D_ref, rtol=1e-5, atol=1e-4)
     found = D_ref > EMPTY_SCORE
     assert (I_ours[~found] == -1).all() and (~found).any() == (k == 500)
