@@ -199,6 +199,8 @@ class IndexAMIPS:
         as many synthetic queries near other keys (``targets.transplant_queries``), trains the router.
         ``time_limit`` (seconds) bounds the router's training; ``checkpoint`` makes it resumable.
         """
+        if not isinstance(transplant, (int, float)) or not transplant >= 0:
+            raise ValueError(f"transplant must be a number >= 0, got {transplant!r}")
         if xb is not None:
             xb = check_vectors(xb, "xb", d=self.d)
             if not self.ivf.is_trained:
@@ -234,8 +236,6 @@ class IndexAMIPS:
         n_cal, n_val = len(parts["calibration"]), len(parts["validation"])
         cal, val, tr = (targets.subset(np.arange(0, n_cal)), targets.subset(np.arange(n_cal, n_cal + n_val)),
                         targets.subset(np.arange(n_cal + n_val, len(everything))))
-        if not isinstance(transplant, (int, float)) or not transplant >= 0:
-            raise ValueError(f"transplant must be a number >= 0, got {transplant!r}")
         n_synthetic = int(transplant * len(parts["train"])) if self.router_name != "centroid" else 0
         if n_synthetic > 0:
             synthetic = transplant_queries(xb, train_q[:len(parts["train"])], tr.ids[:len(parts["train"])],
@@ -505,7 +505,7 @@ class IndexAMIPS:
             self._calibration_cache[key] = result
         return result
 
-    def _scan(self, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None, method: str = "auto",
+    def _scan(self, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None, method: str,
               views: FlatListViews | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k best keys of ``xq [n, d]`` in ``lists [n, p]`` (−1 skipped); see ``amips_faiss.scan``."""
         centroids = self.centroids() if coarse is None and not is_flat(self.ivf) else None
@@ -538,7 +538,7 @@ class IndexAMIPS:
             predicted = (self.router.project(xq) * xq).sum(axis=1) / np.linalg.norm(xq, axis=1).clip(1e-30)
         else:
             predicted = scores[:, 0]
-        _, ids = self._scan(xq, 1, lists, scores if isinstance(self.router, CentroidRouter) else None)
+        _, ids = self._scan(xq, 1, lists, scores if isinstance(self.router, CentroidRouter) else None, self.scan)
         return predicted.astype(np.float32), ids[:, 0]
 
 

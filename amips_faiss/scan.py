@@ -2,7 +2,7 @@
 best keys of each query among its lists, ``D [n, k] float32`` descending, ``I [n, k] int64``, padded
 with −FLT_MAX / −1 like faiss.
 
-Two ways, the same answer up to float rounding in the last bit (as faiss's own flat index gives
+Three ways, the same answer up to float rounding in the last bit (as faiss's own flat index gives
 between its BLAS and SIMD paths):
 
 - ``scan_preassigned``: faiss ``search_preassigned``, for every IVF kind (flat, SQ, PQ, fast-scan).
@@ -10,9 +10,8 @@ between its BLAS and SIMD paths):
 - ``scan_by_list``: for flat lists only. The pairs are grouped by list and each list meets all of its
   queries in one BLAS product, then keeps its k best per query (the idea of faiss's
   ``contrib.big_batch_search``). On the Debian set (lists of ~61 keys, 384-d, one thread) a pair
-  costs ~1.5 µs this way against ~6.4 µs in ``search_preassigned``, once a list has several queries;
+  costs ~2–3 µs this way against ~6.4 µs in ``search_preassigned``, once a list has several queries;
   with fewer, its per-list overhead loses.
-
 - ``scan_dense``: for flat lists when most queries probe most of the lists it touches (the exact
   fallback): every query meets every touched list in one BLAS product per list, no grouping, and
   the pairs outside the plan are masked.
@@ -32,7 +31,7 @@ EMPTY_SCORE = np.finfo(np.float32).min  # what faiss returns for a missing resul
 BY_LIST_PAIRS_PER_LIST = 8  # measured break-even (Debian, one thread): below it faiss's scan is faster
 DENSE_SHARE = 0.5  # planned share of all (query, touched list) pairs above which scan_dense wins
 SCAN_METHODS = ("auto", "faiss", "blas")
-_MAX_CANDIDATES = 1 << 22  # pairs × k held at once by scan_by_list (bounds its memory)
+_MAX_CANDIDATES = 1 << 22  # scores held at once by scan_by_list (pairs × k) and scan_dense (queries × keys)
 
 
 def is_flat(ivf) -> bool:

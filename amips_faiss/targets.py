@@ -134,6 +134,10 @@ def transplant_queries(keys: np.ndarray, queries: np.ndarray, answer_ids: np.nda
     """
     keys = check_vectors(keys, "keys")
     queries = check_vectors(queries, "queries", d=keys.shape[1])
+    answer_ids = np.asarray(answer_ids)
+    if answer_ids.shape != (len(queries),) or not np.issubdtype(answer_ids.dtype, np.integer) or \
+            (len(answer_ids) and not 0 <= answer_ids.min() <= answer_ids.max() < len(keys)):
+        raise ValueError(f"answer_ids must hold one key row in [0, {len(keys)}) per query ({len(queries)})")
     if n <= 0:
         return np.zeros((0, keys.shape[1]), np.float32)
     rng = np.random.default_rng(seed)

@@ -230,6 +230,8 @@ def test_bad_input_raises_clear_errors(synthetic, trained):
         (lambda: index.search(q, 1, af.SearchParametersAMIPS(nprobe=10**6)), ValueError, "nprobe"),
         (lambda: index.search(q, 1, af.SearchParametersAMIPS(fallback="maybe")), ValueError, "fallback"),
         (lambda: index.search(q, 1, af.SearchParametersAMIPS(target_recall=1.5)), ValueError, "target_recall"),
+        (lambda: index.search(q, 1, af.SearchParametersAMIPS(blend=2.0)), ValueError, "blend"),
+        (lambda: af.IndexAMIPS(D, 8).train(synthetic["keys"], transplant=-1), ValueError, "transplant"),
         (lambda: index.add_with_ids(q, np.arange(3)), ValueError, "3 entries for 4"),
         (lambda: index.add_with_ids(q, np.array([1, 2, -3, 4])), ValueError, "non-negative"),
         (lambda: index.reconstruct(123_456_789), KeyError, "not in the index"),

@@ -92,3 +92,7 @@ def test_transplanted_queries_keep_query_norms_and_offsets():
     np.testing.assert_allclose(cosine.max(axis=1), 1.0, atol=1e-5)
     q_norms = np.linalg.norm(queries, axis=1)
     assert np.isclose(np.linalg.norm(moved, axis=1)[:, None], q_norms[None, :], rtol=1e-5).any(axis=1).all()
+    with pytest.raises(ValueError, match="answer_ids"):
+        transplant_queries(keys, queries, answers[:-1], 10)
+    with pytest.raises(ValueError, match="answer_ids"):
+        transplant_queries(keys, queries, answers + len(keys), 10)
