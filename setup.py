@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="amips_faiss",
-    version="0.1.0",
+    version="0.2.0",
     description="Maximum inner product search with learned support functions, on faiss IVF lists",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

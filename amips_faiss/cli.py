@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
 import numpy as np
 
 from .data import load_npy
-from .index import ROUTERS, IndexAMIPS, SearchParametersAMIPS, set_num_threads
+from .index import IndexAMIPS, default_nlist, set_num_threads
 from .io import read_index, write_index
+from .parameters import FALLBACKS, SearchParametersAMIPS
+from .routing import ROUTERS
+from .training import TrainConfig
 from .validation import check_vectors
 
 
@@ -32,10 +34,11 @@ def _params(args) -> SearchParametersAMIPS:
 def cmd_build(args) -> dict:
     keys = _load(args.keys, "keys")
     queries = _load(args.queries, "queries") if args.queries else None
-    nlist = args.nlist or int(round(4 * math.sqrt(len(keys))))
+    nlist = args.nlist or default_nlist(len(keys))
     index = IndexAMIPS(keys.shape[1], nlist, router=args.router)
     t = time.perf_counter()
-    index.train(keys, queries, steps=args.steps, time_limit=args.time_limit, progress=not args.quiet)
+    options = {name: getattr(args, name) for name in ("steps", "time_limit") if getattr(args, name) is not None}
+    index.train(keys, queries, TrainConfig(progress=not args.quiet, **options))
     index.add(keys)
     write_index(index, args.output)
     return {"index": args.output, "ntotal": index.ntotal, "nlist": nlist, "router": args.router,
@@ -45,7 +48,7 @@ def cmd_build(args) -> dict:
 def cmd_search(args) -> dict:
     index = read_index(args.index)
     queries = _load(args.queries, "queries")
-    D, I = index.search(queries, args.k, _params(args))
+    D, I = index.search(queries, args.k, params=_params(args))
     np.savez(args.output, D=D, I=I)
     return {"output": args.output, "n": len(queries), "k": args.k, "mean_lists_probed": index.stats.mean_lists_probed,
             "fallback_share": index.stats.fallback_share}
@@ -58,7 +61,7 @@ def cmd_eval(args) -> dict:
     keys, queries = _load(args.keys, "keys"), _load(args.queries, "queries")
     exact = support_values(keys, queries, progress=not args.quiet)
     t = time.perf_counter()
-    D, I = index.search(queries, args.k, _params(args))
+    D, I = index.search(queries, args.k, params=_params(args))
     seconds = time.perf_counter() - t
     out = {"n": len(queries), "match_rate": match_rate(found_scores(keys, queries, I[:, 0]), exact.values),
            "qps": len(queries) / seconds, "mean_lists_probed": index.stats.mean_lists_probed,
@@ -76,7 +79,7 @@ def cmd_info(args) -> dict:
     return {"d": index.d, "nlist": index.nlist, "ntotal": index.ntotal, "router": index.router_name,
             "buffered_keys": index.buffer.ntotal, "nprobe": index.nprobe, "max_nprobe": index.max_nprobe,
             "target_recall": index.target_recall, "fallback": index.fallback,
-            "calibration_queries": 0 if index.calibration_queries is None else len(index.calibration_queries),
+            "calibration_queries": index.n_calibration,
             "router_macs_per_query": index.router.macs_per_query}
 
 
@@ -92,8 +95,8 @@ def main(argv=None) -> int:
     b.add_argument("-o", "--output", required=True)
     b.add_argument("--nlist", type=int)
     b.add_argument("--router", default="supportnet", choices=ROUTERS)
-    b.add_argument("--steps", type=int, default=4000)
-    b.add_argument("--time-limit", type=float, default=360.0)
+    b.add_argument("--steps", type=int, help=f"most training steps (default {TrainConfig.steps})")
+    b.add_argument("--time-limit", type=float, help=f"training seconds (default {TrainConfig.time_limit})")
     for name, helptext in (("search", "search an index, save D and I as .npz"),
                            ("eval", "match rate, recall@10 and QPS against exact search")):
         s = sub.add_parser(name, help=helptext)
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
         s.add_argument("-k", type=int, default=10)
         s.add_argument("--nprobe", type=int)
         s.add_argument("--target-recall", type=float)
-        s.add_argument("--fallback", choices=("exact", "ivf", "none"))
+        s.add_argument("--fallback", choices=FALLBACKS)
         if name == "search":
             s.add_argument("-o", "--output", required=True)
         else:

@@ -14,6 +14,7 @@ when gap ≤ τ; unsure queries go on to the next round, and past the last one t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -62,18 +63,21 @@ def critical_margins(round_gaps: np.ndarray, round_correct: np.ndarray, fallback
     return np.where(never_right, -np.inf, tau)
 
 
-def calibrate_margin(critical: np.ndarray, target_recall: float) -> tuple[float, float]:
+def margin_for_recall(critical: np.ndarray, target_recall: float) -> tuple[float, float]:
     """The largest margin τ whose recall on the calibration queries is >= the target.
 
     Uses the ⌈target·(n+1)⌉-th largest critical margin (a conformal-style finite-sample
-    correction). Returns ``(τ, calibration recall at τ)``; τ = −inf means "never sure" (every query
+    correction). A target that n queries cannot certify (⌈target·(n+1)⌉ > n, e.g. 1.0) gives
+    τ = −inf. Returns ``(τ, calibration recall at τ)``; τ = −inf means "never sure" (every query
     runs all rounds and the fallback), the best the schedule can do; τ = +inf "always sure" (enough
     queries are right after the first round: a query with τ*_q = +inf is right at any τ).
     """
     n = len(critical)
     if n == 0:
         raise ValueError("calibration needs at least one query")
-    m = min(n, math.ceil(target_recall * (n + 1)))
+    m = math.ceil(target_recall * (n + 1))
+    if m > n:
+        return -math.inf, float(np.mean(critical > -np.inf))
     v = np.sort(critical)[::-1][m - 1]
     tau = float(np.nextafter(v, -np.inf)) if np.isfinite(v) else float(v)
     return tau, float(np.mean((tau < critical) | np.isposinf(critical)))
@@ -86,3 +90,46 @@ def mean_lists(round_gaps: np.ndarray, tau: float, ends: list[int], fallback_lis
     stop = np.where(sure.any(axis=1), sure.argmax(axis=1), len(ends))
     cost = np.append(np.asarray(ends, np.float64), ends[-1] + fallback_lists)
     return float(cost[stop].mean())
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated confidence test: margin τ, blend λ, and the recall they give on the calibration
+    queries (below the target when the target is out of reach of the schedule and fallback)."""
+    margin: float
+    blend: float
+    recall: float
+
+
+def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np.ndarray,
+                     q_norm: np.ndarray, ends: list[int], fallback_hits: np.ndarray, fallback_lists: int,
+                     target_recall: float, blends: tuple[float, ...] = BLENDS) -> Calibration:
+    """The margin τ and blend λ that reach ``target_recall`` on calibration queries at the fewest
+    lists probed (or, when no λ reaches it, the best recall).
+
+    ``route_scores, route_lists [n, m]``: the router's order (m ≥ ends[-1] + 1 where lists remain,
+    −1 padded); ``cluster_values [n, nlist]``: exact per-list support values h_c(q);
+    ``q_norm [n]``; ``ends``: the probe schedule; ``fallback_hits [n] bool``: whether the fallback's
+    lists hold the argmax list; ``fallback_lists``: what the fallback scans, for the cost.
+    """
+    n = len(route_scores)
+    best = cluster_values.argmax(axis=1)
+    true_in_order = np.take_along_axis(cluster_values, route_lists.clip(0), axis=1)
+    true_in_order[route_lists < 0] = -np.inf
+    found = np.maximum.accumulate(true_in_order, axis=1)
+    hit = route_lists == best[:, None]
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), cluster_values.shape[1])
+    padded = np.hstack([route_scores, np.full((n, 1), -np.inf, np.float32)])
+    round_correct = np.stack([rank < e for e in ends], axis=1)
+    fallback_correct = round_correct[:, -1] | fallback_hits
+    chosen = None  # (preference, result): reach the target, then fewest lists (or best recall)
+    for blend in blends:
+        round_gaps = np.stack([gaps(padded[:, e], found[:, e - 1], q_norm, route_scores[:, 0], blend)
+                               for e in ends], axis=1)
+        tau, recall = margin_for_recall(critical_margins(round_gaps, round_correct, fallback_correct),
+                                        target_recall)
+        cost = mean_lists(round_gaps, tau, ends, fallback_lists)
+        preference = (recall >= target_recall, recall if recall < target_recall else -cost)
+        if chosen is None or preference > chosen[0]:
+            chosen = (preference, Calibration(tau, blend, recall))
+    return chosen[1]

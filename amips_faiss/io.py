@@ -1,9 +1,10 @@
 """One file per index: faiss bytes, router weights, config and calibration — no pickle.
 
 Layout: 8-byte magic ``AMIPSIDX``, a little-endian uint64 header length, a UTF-8 JSON header
-(config, the table of arrays, the SHA-256 of the payload), then the raw arrays. Reading checks the
-magic, the header, every array's dtype/shape/extent and the checksum before anything is built, so a
-truncated, corrupted or foreign file (a pickle, a torch checkpoint) raises ValueError.
+(format, config, the table of arrays, the SHA-256 of the payload), then the raw arrays. Reading checks
+the magic, the header, every array's dtype/shape/extent and the checksum before anything is built, so
+a truncated, corrupted or foreign file (a pickle, a torch checkpoint) raises ValueError. What goes in
+is ``IndexAMIPS.get_state()``, what comes out ``IndexAMIPS.from_state``; files of format 1 are read too.
 """
 from __future__ import annotations
 
@@ -12,46 +13,21 @@ import json
 import os
 import struct
 
-import faiss
 import numpy as np
-import torch
 
 from .index import IndexAMIPS
-from .nn import KeyNet, SupportNet
 
 MAGIC = b"AMIPSIDX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _DTYPES = {"float32", "float64", "int64", "uint64", "uint8"}
 _ALIGN = 64
 
 
-def _model_config(model) -> dict | None:
-    if isinstance(model, SupportNet):
-        return {"kind": "SupportNet", "dim": model.dim, "n_outputs": model.n_outputs, "width": model.width,
-                "depth": model.depth, "linear_rank": model.linear_rank, "alpha": model.alpha, "beta": model.beta}
-    if isinstance(model, KeyNet):
-        return {"kind": "KeyNet", "dim": model.dim, "n_outputs": model.n_outputs, "width": model.width,
-                "depth": model.depth}
-    return None
-
-
-def write_index(index: IndexAMIPS, path: str) -> None:
-    """Save ``index`` to ``path`` atomically (a crash never leaves a half-written file in its place)."""
+def serialize_index(index: IndexAMIPS) -> bytes:
+    """The file ``write_index`` writes, as bytes (its length is what the index takes on disk)."""
     if not isinstance(index, IndexAMIPS):
-        raise TypeError(f"write_index needs an IndexAMIPS, got {type(index).__name__}")
-    arrays = {"faiss": faiss.serialize_index(index.ivf), "buffer": faiss.serialize_index(index.buffer)}
-    model = index.router.model if index.router is not None else None
-    if model is not None:
-        arrays.update({f"model.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()})
-    if index.calibration_queries is not None:
-        arrays["calibration_queries"] = index.calibration_queries
-        arrays["calibration_values"] = index.calibration_values
-    if index._trained_fingerprints is not None:
-        arrays["trained_fingerprints"] = index._trained_fingerprints
-    config = {"router": index.router_name, "router_size": index.router_size, "model": _model_config(model),
-              "nprobe": index.nprobe, "max_nprobe": index.max_nprobe, "target_recall": index.target_recall,
-              "fallback": index.fallback, "fallback_nprobe": index.fallback_nprobe,
-              "has_fingerprints": index._trained_fingerprints is not None}
+        raise TypeError(f"serialize_index needs an IndexAMIPS, got {type(index).__name__}")
+    config, arrays = index.get_state()
     table, offset, chunks = [], 0, []
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)
@@ -65,9 +41,15 @@ def write_index(index: IndexAMIPS, path: str) -> None:
     payload = b"".join(chunks)
     header = json.dumps({"format": FORMAT_VERSION, "config": config, "arrays": table,
                          "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    return MAGIC + struct.pack("<Q", len(header)) + header + payload
+
+
+def write_index(index: IndexAMIPS, path: str) -> None:
+    """Save ``index`` to ``path`` atomically (a crash never leaves a half-written file in its place)."""
+    data = serialize_index(index)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(MAGIC + struct.pack("<Q", len(header)) + header + payload)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -78,50 +60,47 @@ def read_index(path: str) -> IndexAMIPS:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no index file at {path}")
     with open(path, "rb") as f:
-        data = f.read()
+        return deserialize_index(f.read(), name=path)
+
+
+def deserialize_index(data: bytes, name: str = "the data") -> IndexAMIPS:
+    """The index ``serialize_index`` made; raises ValueError for corrupt or foreign bytes."""
     if data[:8] != MAGIC:
         hint = " (it looks like a pickle or torch file, which is never loaded)" if data[:1] == b"\x80" or \
             data[:2] == b"PK" else ""
-        raise ValueError(f"{path} is not an amips_faiss index file{hint}")
+        raise ValueError(f"{name} is not an amips_faiss index file{hint}")
     if len(data) < 16:
-        raise ValueError(f"{path} is truncated")
+        raise ValueError(f"{name} is truncated")
     (header_len,) = struct.unpack("<Q", data[8:16])
     try:
         header = json.loads(data[16:16 + header_len].decode())
         config, table, digest = header["config"], header["arrays"], header["sha256"]
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} has a corrupt header (truncated or damaged file)") from exc
-    if header.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format {header.get('format')}, this version reads {FORMAT_VERSION}")
+        raise ValueError(f"{name} has a corrupt header (truncated or damaged file)") from exc
+    if header.get("format") not in (1, FORMAT_VERSION):
+        raise ValueError(f"{name} has format {header.get('format')}, this version reads 1 and {FORMAT_VERSION}")
     payload = data[16 + header_len:]
     if hashlib.sha256(payload).hexdigest() != digest:
-        raise ValueError(f"{path} is corrupt or truncated (checksum mismatch)")
+        raise ValueError(f"{name} is corrupt or truncated (checksum mismatch)")
     arrays = {}
     for entry in table:
         if entry["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: array {entry['name']!r} has unsupported dtype {entry['dtype']}")
+            raise ValueError(f"{name}: array {entry['name']!r} has unsupported dtype {entry['dtype']}")
         dtype, shape = np.dtype(entry["dtype"]), tuple(int(s) for s in entry["shape"])
         if entry["nbytes"] != dtype.itemsize * int(np.prod(shape)) or entry["offset"] + entry["nbytes"] > len(payload):
-            raise ValueError(f"{path}: array {entry['name']!r} does not fit the file")
+            raise ValueError(f"{name}: array {entry['name']!r} does not fit the file")
         arrays[entry["name"]] = np.frombuffer(payload, dtype, int(np.prod(shape)), entry["offset"]).reshape(shape).copy()
-    return _build(config, arrays)
+    if header["format"] == 1:
+        config = _from_format_1(config)
+    return IndexAMIPS.from_state(config, arrays)
 
 
-def _build(config: dict, arrays: dict) -> IndexAMIPS:
-    ivf = faiss.deserialize_index(arrays["faiss"])  # already of its concrete class; owns the C++ object
-    index = IndexAMIPS.__new__(IndexAMIPS)
-    index._setup(ivf, config["router"], **config["router_size"])
-    index.buffer = faiss.deserialize_index(arrays["buffer"])
-    model_cfg = config["model"]
-    if model_cfg is not None:
-        kind = model_cfg.pop("kind")
-        model = (SupportNet if kind == "SupportNet" else KeyNet)(**model_cfg)
-        state = {k[len("model."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
-        model.load_state_dict(state, strict=True)
-        index._make_router(model.eval())
-    for name in ("nprobe", "max_nprobe", "target_recall", "fallback", "fallback_nprobe"):
-        setattr(index, name, config[name])
-    index.calibration_queries = arrays.get("calibration_queries")
-    index.calibration_values = arrays.get("calibration_values")
-    index._trained_fingerprints = arrays.get("trained_fingerprints") if config["has_fingerprints"] else None
-    return index
+def _from_format_1(config: dict) -> dict:
+    """Format 1 kept the settings beside the config, had no scan_method, margin or blend, and a
+    KeyNet config with n_outputs (always 1)."""
+    settings = {name: config.pop(name) for name in ("nprobe", "max_nprobe", "target_recall", "fallback",
+                                                    "fallback_nprobe")}
+    model = config.get("model")
+    if model is not None and model.get("kind") == "KeyNet":
+        model.pop("n_outputs", None)
+    return {**config, "settings": settings}

@@ -31,11 +31,3 @@ def recall_at_k(I: np.ndarray, I_true: np.ndarray) -> float:
     hits = (I[:, :, None] == I_true[:, None, :]) & (I[:, :, None] >= 0)
     return float(hits.any(axis=2).sum(axis=1).mean() / I_true.shape[1])
 
-
-def lists_needed(scores: np.ndarray, target_lists: np.ndarray) -> np.ndarray:
-    """How many lists a router must probe, in its score order, to reach ``target_lists [n]``.
-
-    ``scores [n, nlist]`` router scores (higher first). Returns ``[n] int64`` ranks + 1.
-    """
-    target = np.take_along_axis(scores, np.asarray(target_lists)[:, None], axis=1)
-    return (scores > target).sum(axis=1) + 1

@@ -21,6 +21,11 @@ def soft_leaky_relu(u: torch.Tensor, alpha: float = 0.1, beta: float = 20.0) -> 
     return alpha * u + (1.0 - alpha) * F.softplus(u, beta=beta, threshold=40.0)
 
 
+def _positive(raw: torch.Tensor) -> torch.Tensor:
+    """The non-negative weight a free parameter stands for: softplus(raw) ≥ 0."""
+    return F.softplus(raw)
+
+
 def _inverse_softplus(y: float) -> float:
     """The raw parameter v with softplus(v) = y (y > 0)."""
     return y + math.log(-math.expm1(-y))
@@ -58,7 +63,7 @@ class SupportNet(nn.Module):
     centred input injection W_x x carries unit variance into every layer.
     """
 
-    def __init__(self, dim: int, n_outputs: int = 1, width: int = 128, depth: int = 3,
+    def __init__(self, dim: int, n_outputs: int = 1, width: int = 64, depth: int = 2,
                  linear_rank: int | None = None, scale: float = 1.0,
                  alpha: float = 0.1, beta: float = 20.0):
         super().__init__()
@@ -89,10 +94,9 @@ class SupportNet(nn.Module):
         self.out_bias_raw = nn.Parameter(torch.full((n_outputs,), zero_bias))
 
     @classmethod
-    def from_budget(cls, dim: int, n_outputs: int, n_params: int, depth: int = 3, **kwargs) -> "SupportNet":
-        """The widest SupportNet of this depth with at most ``n_params`` parameters."""
-        return cls(dim, n_outputs, width=_width_for_budget(cls, n_params, dim, n_outputs, depth=depth, **kwargs),
-                   depth=depth, **kwargs)
+    def from_budget(cls, dim: int, n_params: int, **kwargs) -> "SupportNet":
+        """The widest SupportNet (other arguments as given) with at most ``n_params`` parameters."""
+        return cls(dim, width=_width_for_budget(cls, n_params, dim, **kwargs), **kwargs)
 
     @torch.no_grad()
     def init_linear(self, weights: torch.Tensor) -> None:
@@ -106,23 +110,19 @@ class SupportNet(nn.Module):
             self.linear_u.copy_(u[:, :r] * s[:r].sqrt())
             self.linear_v.copy_(s[:r].sqrt()[:, None] * vt[:r])
 
-    def linear_weights(self) -> torch.Tensor:
-        """The linear term's weights ``[n_outputs, dim]``."""
-        return self.linear if self.linear_rank is None else self.linear_u @ self.linear_v
-
     def g(self, x: torch.Tensor) -> torch.Tensor:
         """The convex network on directions: ``[n, dim]`` → ``[n, n_outputs]``."""
         if self.linear_rank is None:
             out = x @ self.linear.T
         else:
             out = (x @ self.linear_v.T) @ self.linear_u.T
-        out = out + F.softplus(self.out_bias_raw)
+        out = out + _positive(self.out_bias_raw)
         if self.depth > 0:
             act = lambda u: soft_leaky_relu(u, self.alpha, self.beta)  # noqa: E731
-            z = act(x @ self.input_weights[0].T + F.softplus(self.bias_raw[0]))
+            z = act(x @ self.input_weights[0].T + _positive(self.bias_raw[0]))
             for wz, wx, b in zip(self.hidden_raw, list(self.input_weights)[1:], list(self.bias_raw)[1:]):
-                z = act(z @ F.softplus(wz).T + x @ wx.T + F.softplus(b))
-            out = out + z @ F.softplus(self.out_raw).T
+                z = act(z @ _positive(wz).T + x @ wx.T + _positive(b))
+            out = out + z @ _positive(self.out_raw).T
         return out
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
@@ -130,13 +130,17 @@ class SupportNet(nn.Module):
         norm, x = _unit(q)
         return self.scale * norm * self.g(x)
 
-    def argmax_key(self, q: torch.Tensor, output: int = 0, create_graph: bool = False) -> torch.Tensor:
+    def argmax_key(self, q: torch.Tensor, output: int = 0) -> torch.Tensor:
         """∇_q f_output(q), the predicted argmax key: ``[n, dim]`` → ``[n, dim]`` (batched autograd)."""
         with torch.enable_grad():
             q = q.detach().requires_grad_(True)
-            value = self(q)[:, output].sum()
-            (grad,) = torch.autograd.grad(value, q, create_graph=create_graph)
+            (grad,) = torch.autograd.grad(self(q)[:, output].sum(), q)
         return grad
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this net (``model_from_config``)."""
+        return {"kind": "SupportNet", "dim": self.dim, "n_outputs": self.n_outputs, "width": self.width,
+                "depth": self.depth, "linear_rank": self.linear_rank, "alpha": self.alpha, "beta": self.beta}
 
 
 class KeyNet(nn.Module):
@@ -146,37 +150,40 @@ class KeyNet(nn.Module):
 
         u_0 = W_in x;  u_{l+1} = u_l + W_2,l GELU(W_1,l LN(u_l));  out = W_out LN(u_L)
 
-    ``n_outputs`` > 1 predicts one key per target (e.g. per IVF list): output ``[n, n_outputs, dim]``.
     ``scale`` s is a fixed positive constant setting the output units (e.g. a typical key norm).
     """
 
-    def __init__(self, dim: int, n_outputs: int = 1, width: int = 256, depth: int = 2, scale: float = 1.0):
+    def __init__(self, dim: int, width: int = 256, depth: int = 2, scale: float = 1.0):
         super().__init__()
-        if depth < 0 or width < 1 or dim < 1 or n_outputs < 1:
-            raise ValueError("KeyNet needs dim, n_outputs, width >= 1 and depth >= 0")
-        self.dim, self.n_outputs, self.width, self.depth = dim, n_outputs, width, depth
+        if depth < 0 or width < 1 or dim < 1:
+            raise ValueError("KeyNet needs dim, width >= 1 and depth >= 0")
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.dim, self.width, self.depth = dim, width, depth
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
             for _ in range(depth))
         self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, dim * n_outputs)
+        self.out = nn.Linear(width, dim)
 
     @classmethod
-    def from_budget(cls, dim: int, n_outputs: int, n_params: int, depth: int = 2, **kwargs) -> "KeyNet":
-        """The widest KeyNet of this depth with at most ``n_params`` parameters."""
-        return cls(dim, n_outputs, width=_width_for_budget(cls, n_params, dim, n_outputs, depth=depth, **kwargs),
-                   depth=depth, **kwargs)
+    def from_budget(cls, dim: int, n_params: int, **kwargs) -> "KeyNet":
+        """The widest KeyNet (other arguments as given) with at most ``n_params`` parameters."""
+        return cls(dim, width=_width_for_budget(cls, n_params, dim, **kwargs), **kwargs)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """``[n, dim]`` → ``[n, dim]`` (or ``[n, n_outputs, dim]``) predicted argmax key(s)."""
+        """``[n, dim]`` → ``[n, dim]`` predicted argmax keys."""
         _, x = _unit(q)
         u = self.inp(x)
         for block in self.blocks:
             u = u + block(u)
-        out = self.scale * self.out(self.norm(u))
-        return out if self.n_outputs == 1 else out.view(len(q), self.n_outputs, self.dim)
+        return self.scale * self.out(self.norm(u))
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this net (``model_from_config``)."""
+        return {"kind": "KeyNet", "dim": self.dim, "width": self.width, "depth": self.depth}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -184,11 +191,23 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _width_for_budget(cls, n_params: int, dim: int, n_outputs: int, **kwargs) -> int:
+def model_from_config(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Rebuild a SupportNet or KeyNet from ``config()`` and its ``state_dict`` (strictly)."""
+    config = dict(config)
+    kinds = {"SupportNet": SupportNet, "KeyNet": KeyNet}
+    kind = config.pop("kind", None)
+    if kind not in kinds:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(kinds)}")
+    model = kinds[kind](**config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _width_for_budget(cls, n_params: int, dim: int, **kwargs) -> int:
     """Largest width whose model has <= n_params parameters (binary search on meta tensors)."""
     def size(width: int) -> int:
         with torch.device("meta"):
-            return count_parameters(cls(dim, n_outputs, width=width, **kwargs))
+            return count_parameters(cls(dim, width=width, **kwargs))
     if size(1) > n_params:
         raise ValueError(f"a budget of {n_params} parameters is below the smallest {cls.__name__} "
                          f"({size(1)} parameters)")

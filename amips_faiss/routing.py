@@ -3,7 +3,10 @@
 One small interface: ``scores(xq) -> [n, nlist]`` (higher = probe first),
 ``route(xq, n_lists) -> (scores [n, n_lists] descending, lists [n, n_lists] int64, −1 padded)`` and
 ``ranker(xq)``, which scores a batch once and then routes any subset of its rows, for search rounds.
-``macs_per_query`` is the router's own multiply-add count, part of the cost of a search.
+``coarse_distances`` says whether route scores are the faiss quantizer's own distances (needed to
+scan residual-coded lists), ``predicted_support`` turns them into an estimate of h(q), and
+``macs_per_query`` is the router's own multiply-add count, part of the cost of a search. Subclass
+``Router`` to bring your own; ``make_router`` builds the built-in kinds.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import torch
 
 from .nn import KeyNet, SupportNet
 
+ROUTERS = ("centroid", "linear", "supportnet", "keynet")
+LEARNED_ROUTERS = ("linear", "supportnet", "keynet")  # the kinds with a net to train
 _CHUNK = 8192  # queries per forward pass, to bound memory
 
 
@@ -43,9 +48,9 @@ def top_lists(scores: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]
 
 
 class Router:
-    """Base class: subclasses implement ``scores``; ``route`` ranks lists by them."""
+    """Base class: subclasses implement ``scores`` (and ``macs_per_query``); ``route`` ranks lists by
+    them. ``model``: the torch net behind the scores, saved with the index (None: nothing to save)."""
 
-    name = "router"
     model: torch.nn.Module | None = None
 
     def scores(self, xq: np.ndarray) -> np.ndarray:
@@ -61,6 +66,15 @@ class Router:
         scores = self.scores(xq)
         return lambda rows, n_lists: top_lists(scores[rows], n_lists)
 
+    def coarse_distances(self, route_scores: np.ndarray) -> np.ndarray | None:
+        """The quantizer's distances to the routed lists when the route scores are them, else None
+        (the scan then computes them where the list codes need them)."""
+        return None
+
+    def predicted_support(self, xq: np.ndarray, first_scores: np.ndarray) -> np.ndarray:
+        """The router's estimate of h(q) ``[n]``, given its score of each query's first list."""
+        return first_scores
+
     @property
     def macs_per_query(self) -> int:
         """Multiply-adds the router spends per query."""
@@ -73,8 +87,6 @@ class CentroidRouter(Router):
     Routing calls the quantizer's own search, so the probe lists are exactly faiss's.
     """
 
-    name = "centroid"
-
     def __init__(self, quantizer, centroids: np.ndarray):
         self.quantizer = quantizer
         self.centroids = centroids
@@ -84,6 +96,9 @@ class CentroidRouter(Router):
 
     def ranker(self, xq: np.ndarray) -> Callable:
         return lambda rows, n_lists: self.quantizer.search(xq[rows], n_lists)
+
+    def coarse_distances(self, route_scores: np.ndarray) -> np.ndarray:
+        return route_scores
 
     @property
     def macs_per_query(self) -> int:
@@ -99,7 +114,6 @@ class SupportNetRouter(Router):
 
     def __init__(self, model: SupportNet):
         self.model = model.eval()
-        self.name = "linear" if model.depth == 0 else "supportnet"
 
     @torch.inference_mode()
     def scores(self, xq: np.ndarray) -> np.ndarray:
@@ -120,8 +134,6 @@ class KeyNetProjectionRouter(Router):
     Lists are those the faiss quantizer picks for the predicted argmax key; candidates in them are
     still scored with the original query.
     """
-
-    name = "keynet"
 
     def __init__(self, model: KeyNet, quantizer, centroids: np.ndarray):
         self.model = model.eval()
@@ -144,7 +156,24 @@ class KeyNetProjectionRouter(Router):
         projected = self.project(xq)
         return lambda rows, n_lists: self.quantizer.search(projected[rows], n_lists)
 
+    def predicted_support(self, xq: np.ndarray, first_scores: np.ndarray) -> np.ndarray:
+        """Euler: h(q) = <∇h(q), q>, with KeyNet(q) standing in for ∇h(q)."""
+        return (self.project(xq) * xq).sum(axis=1) / np.linalg.norm(xq, axis=1).clip(1e-30)
+
     @property
     def macs_per_query(self) -> int:
         m = self.model
-        return m.dim * m.width + 2 * m.depth * m.width ** 2 + m.width * m.dim * m.n_outputs + self.centroids.size
+        return m.dim * m.width + 2 * m.depth * m.width ** 2 + m.width * m.dim + self.centroids.size
+
+
+def make_router(kind: str, quantizer, centroids: np.ndarray, model: torch.nn.Module | None = None) -> Router:
+    """The built-in router ``kind`` (one of ``ROUTERS``) over a trained quantizer with ``centroids
+    [nlist, d]``; learned kinds take their trained ``model`` (a SupportNet, or a KeyNet for "keynet")."""
+    if kind == "centroid":
+        return CentroidRouter(quantizer, centroids)
+    if kind in ("supportnet", "linear") and isinstance(model, SupportNet):
+        return SupportNetRouter(model)
+    if kind == "keynet" and isinstance(model, KeyNet):
+        return KeyNetProjectionRouter(model, quantizer, centroids)
+    raise ValueError(f"router {kind!r} cannot be built from {type(model).__name__}; "
+                     f"built-in routers: {ROUTERS}")

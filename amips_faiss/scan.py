@@ -5,22 +5,29 @@ with −FLT_MAX / −1 like faiss.
 Three ways, the same answer up to float rounding in the last bit (as faiss's own flat index gives
 between its BLAS and SIMD paths):
 
-- ``scan_preassigned``: faiss ``search_preassigned``, for every IVF kind (flat, SQ, PQ, fast-scan).
+- ``scan_faiss``: faiss ``search_preassigned``, for every IVF kind (flat, SQ, PQ, fast-scan).
   Query-major: each (query, list) pair is scanned on its own.
-- ``scan_by_list``: for flat lists only. The pairs are grouped by list and each list meets all of its
+- ``scan_blas_by_list``: for flat lists only. The pairs are grouped by list and each list meets all of its
   queries in one BLAS product, then keeps its k best per query (the idea of faiss's
   ``contrib.big_batch_search``). On the Debian set (lists of ~61 keys, 384-d, one thread) a pair
   costs ~2–3 µs this way against ~6.4 µs in ``search_preassigned``, once a list has several queries;
   with fewer, its per-list overhead loses.
-- ``scan_dense``: for flat lists when most queries probe most of the lists it touches (the exact
+- ``scan_blas_dense``: for flat lists when most queries probe most of the lists it touches (the exact
   fallback): every query meets every touched list in one BLAS product per list, no grouping, and
   the pairs outside the plan are masked.
 
-``scan`` picks: ``method="auto"`` takes ``scan_dense`` for flat lists when the plan covers at least
-half of the (query, touched list) pairs, ``scan_by_list`` when it holds at least
-``BY_LIST_PAIRS_PER_LIST`` pairs per touched list, else faiss.
+``scan_plan`` picks by ``method`` (the ``scan_method`` search setting): "faiss" always takes
+``scan_faiss``; "blas" takes ``scan_blas_dense`` when the plan covers at least half of the
+(query, touched list) pairs, else ``scan_blas_by_list``; "auto" does as "blas" for flat lists when the
+plan is dense or holds at least ``BY_LIST_PAIRS_PER_LIST`` pairs per touched list, else faiss.
+
+The BLAS scans read the lists in place through ``FlatListViews``: pointers into faiss's memory,
+valid while the index is not modified (``IndexAMIPS`` holds its read lock for the whole search) and
+handed back with ``release`` (a no-op for faiss's in-memory lists, needed for on-disk ones).
 """
 from __future__ import annotations
+
+import contextlib
 
 import faiss
 import numpy as np
@@ -29,9 +36,9 @@ from .routing import top_lists
 
 EMPTY_SCORE = np.finfo(np.float32).min  # what faiss returns for a missing result (inner product)
 BY_LIST_PAIRS_PER_LIST = 8  # measured break-even (Debian, one thread): below it faiss's scan is faster
-DENSE_SHARE = 0.5  # planned share of all (query, touched list) pairs above which scan_dense wins
+DENSE_SHARE = 0.5  # planned share of all (query, touched list) pairs above which scan_blas_dense wins
 SCAN_METHODS = ("auto", "faiss", "blas")
-_MAX_CANDIDATES = 1 << 22  # scores held at once by scan_by_list (pairs × k) and scan_dense (queries × keys)
+_MAX_CANDIDATES = 1 << 22  # scores held at once by the by-list (pairs × k) and dense (queries × keys) scans
 
 
 def is_flat(ivf) -> bool:
@@ -39,56 +46,58 @@ def is_flat(ivf) -> bool:
     return type(ivf) is faiss.IndexIVFFlat
 
 
-def flat_lists(ivf) -> tuple[list, list]:
-    """Views, without copy, of a flat IVF's lists: ``keys [size, d] float32`` and ``ids [size] int64``
-    per list (None for an empty list). Valid until the index is next modified."""
-    invlists, d = ivf.invlists, ivf.d
-    keys, ids = [], []
-    for i in range(ivf.nlist):
-        size = invlists.list_size(i)
-        if size:
-            keys.append(faiss.rev_swig_ptr(invlists.get_codes(i), size * d * 4).view(np.float32).reshape(size, d))
-            ids.append(faiss.rev_swig_ptr(invlists.get_ids(i), size))
-        else:
-            keys.append(None)
-            ids.append(None)
-    return keys, ids
-
-
 class FlatListViews:
-    """``flat_lists(ivf)``, built on first use and then reused: one per search call (the rounds of a
-    search share it; the index must not change meanwhile)."""
+    """Views, without copy, of a flat IVF's lists, made on first call and reused by the rounds of one
+    search: ``keys [size, d] float32`` and ``ids [size] int64`` per list (None for an empty list).
+    Valid until the index is next modified; ``release`` hands the pointers back to faiss."""
 
     def __init__(self, ivf):
-        self._ivf, self._views = ivf, None
+        self._ivf, self._views, self._pointers = ivf, None, []
 
     def __call__(self) -> tuple[list, list]:
         if self._views is None:
-            self._views = flat_lists(self._ivf)
+            invlists, d = self._ivf.invlists, self._ivf.d
+            keys, ids = [None] * self._ivf.nlist, [None] * self._ivf.nlist
+            for i in range(self._ivf.nlist):
+                size = invlists.list_size(i)
+                if size:
+                    codes, list_ids = invlists.get_codes(i), invlists.get_ids(i)
+                    self._pointers.append((i, codes, list_ids))
+                    keys[i] = faiss.rev_swig_ptr(codes, size * d * 4).view(np.float32).reshape(size, d)
+                    ids[i] = faiss.rev_swig_ptr(list_ids, size)
+            self._views = keys, ids
         return self._views
 
+    def release(self) -> None:
+        """Hand every pointer back to the inverted lists; the views are invalid afterwards."""
+        invlists = self._ivf.invlists
+        for i, codes, ids in self._pointers:
+            invlists.release_codes(i, codes)
+            invlists.release_ids(i, ids)
+        self._views, self._pointers = None, []
 
-def scan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None = None,
-         centroids: np.ndarray | None = None, method: str = "auto", views: FlatListViews | None = None
-         ) -> tuple[np.ndarray, np.ndarray]:
+
+def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None = None,
+              centroids: np.ndarray | None = None, method: str = "auto", views: FlatListViews | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """The k best keys of each query among its ``lists [n, p]``, by the method that suits the plan.
 
     ``coarse [n, p]``: the quantizer's distances to those lists (faiss needs them for residual codes);
     when None they are computed from ``centroids [nlist, d]``. ``views``: the lists' views to reuse.
     """
     if method not in SCAN_METHODS:
-        raise ValueError(f"unknown scan method {method!r}; choose one of {SCAN_METHODS}")
+        raise ValueError(f"unknown scan_method {method!r}; choose one of {SCAN_METHODS}")
     if method == "blas" and not is_flat(ivf):
-        raise ValueError("scan='blas' needs flat lists (IndexIVFFlat); this index compresses its keys")
+        raise ValueError("scan_method='blas' needs flat lists (IndexIVFFlat); this index compresses its keys")
     if method == "blas" or (method == "auto" and is_flat(ivf)):
         pairs, touched = _plan_size(lists, ivf.nlist)
         if pairs >= DENSE_SHARE * len(lists) * touched:
-            return scan_dense(ivf, xq, k, lists, views() if views else None)
+            return scan_blas_dense(ivf, xq, k, lists, views)
         if method == "blas" or pairs >= BY_LIST_PAIRS_PER_LIST * touched:
-            return scan_by_list(ivf, xq, k, lists, views() if views else None)
+            return scan_blas_by_list(ivf, xq, k, lists, views)
     if coarse is None:
         coarse = coarse_distances(ivf, centroids, xq, lists)
-    return scan_preassigned(ivf, xq, k, lists, coarse)
+    return scan_faiss(ivf, xq, k, lists, coarse)
 
 
 def _plan_size(lists: np.ndarray, nlist: int) -> tuple[int, int]:
@@ -108,7 +117,7 @@ def coarse_distances(ivf, centroids: np.ndarray | None, xq: np.ndarray, lists: n
     return ((xq[:, None, :] - cents) ** 2).sum(axis=2).astype(np.float32)
 
 
-def scan_preassigned(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
+def scan_faiss(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
     """faiss ``search_preassigned`` of ``xq [n, d]`` over ``lists [n, p]`` with ``coarse [n, p]``."""
     n, width = lists.shape
@@ -125,25 +134,46 @@ def scan_preassigned(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.
     return D, I
 
 
-def scan_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: tuple | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def scan_blas_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Flat lists only: group the (query, list) pairs by list, one BLAS product per list.
-    ``views``: ``flat_lists(ivf)`` when the caller has it."""
-    keys, ids = views or flat_lists(ivf)
+    ``views``: the caller's views of the lists (made and released here when None)."""
+    with _views_of(ivf, views) as (keys, ids):
+        return _by_list(keys, ids, xq, k, lists)
+
+
+def _by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, p = lists.shape
     D = np.full((n, k), EMPTY_SCORE, np.float32)
     I = np.full((n, k), -1, np.int64)
     step = max(1, _MAX_CANDIDATES // max(1, p * k))
     for lo in range(0, n, step):
-        D[lo:lo + step], I[lo:lo + step] = _scan_by_list(keys, ids, xq[lo:lo + step], k, lists[lo:lo + step])
+        D[lo:lo + step], I[lo:lo + step] = _by_list_block(keys, ids, xq[lo:lo + step], k, lists[lo:lo + step])
     return D, I
 
 
-def scan_dense(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: tuple | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def scan_blas_dense(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Flat lists only: every query against every list the plan touches, unplanned pairs masked.
-    ``views``: ``flat_lists(ivf)`` when the caller has it."""
-    keys, ids = views or flat_lists(ivf)
+    ``views``: the caller's views of the lists (made and released here when None)."""
+    with _views_of(ivf, views) as (keys, ids):
+        return _dense(keys, ids, xq, k, lists)
+
+
+@contextlib.contextmanager
+def _views_of(ivf, views: FlatListViews | None):
+    """The caller's views, or fresh ones released on exit."""
+    if views is not None:
+        yield views()
+        return
+    own = FlatListViews(ivf)
+    try:
+        yield own()
+    finally:
+        own.release()
+
+
+def _dense(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(lists)
     planned = np.zeros((n, len(keys)), bool)
     valid = lists >= 0
@@ -172,7 +202,7 @@ def scan_dense(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: tuple | No
     return D, I
 
 
-def _scan_by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _by_list_block(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, p = lists.shape
     flat = lists.reshape(-1)
     order = np.argsort(flat, kind="stable")  # pairs grouped by list; the −1s come first and are skipped

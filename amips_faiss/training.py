@@ -10,6 +10,7 @@ import copy
 import math
 import os
 import time
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -24,21 +25,70 @@ from .targets import SupportTargets
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``time_limit`` (seconds) caps the run whatever ``steps`` says."""
-    steps: int = 3000
-    batch_size: int = 1024
+    """How a router is trained: the one place for its defaults (``IndexAMIPS.train``, the CLI and
+    the benchmarks all start from these). Every value is checked when the config is made.
+
+    Optimisation: ``steps`` (at most), ``batch_size``, ``lr`` (AdamW), ``weight_decay``, ``warmup``
+    steps, gradient ``clip``, ``ema_decay``, validation every ``eval_every`` steps (None: steps/10,
+    clamped to [50, 250]) with early stopping after ``patience`` checks without progress,
+    ``time_limit`` seconds (None: no limit), ``device`` (None: CUDA when present), ``checkpoint``
+    (a path: resumable), ``progress`` bars, ``seed``.
+    Training data (``fitting.build_training_set``): ``augment`` noisy copies per training query,
+    ``transplant`` × as many transplanted queries, up to ``n_calibration`` / ``n_validation``
+    queries held out to calibrate the confidence margin / validate the router.
+    """
+    steps: int = 4000
+    batch_size: int = 512
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: int = 100
     clip: float = 1.0
     ema_decay: float = 0.98
-    eval_every: int = 200
+    eval_every: int | None = None
     patience: int = 5
     seed: int = 0
-    time_limit: float | None = None
+    time_limit: float | None = 360.0
     device: str | None = None
     progress: bool = True
     checkpoint: str | None = None
+    augment: int = 1
+    transplant: float = 3.0
+    n_calibration: int = 5000
+    n_validation: int = 1000
+
+    def __post_init__(self):
+        for name, low in (("steps", 1), ("batch_size", 1), ("patience", 1), ("warmup", 0), ("seed", 0),
+                          ("augment", 0), ("n_calibration", 0), ("n_validation", 0), ("eval_every", 1)):
+            value = getattr(self, name)
+            if value is None and name == "eval_every":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, low, high in (("lr", 0.0, math.inf), ("clip", 0.0, math.inf), ("time_limit", 0.0, math.inf)):
+            value = getattr(self, name)
+            if value is None and name == "time_limit":
+                continue
+            if not _is_real(value) or not low < value <= high:
+                raise ValueError(f"{name} must be a number > {low}, got {value!r}")
+        for name, low, high in (("weight_decay", 0.0, math.inf), ("transplant", 0.0, math.inf),
+                                ("ema_decay", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not _is_real(value) or not low <= value < high:
+                raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
+        for name in ("device", "checkpoint"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string or None, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"progress must be True or False, got {self.progress!r}")
+
+    @property
+    def validation_interval(self) -> int:
+        """Steps between validations: ``eval_every``, or steps/10 clamped to [50, 250]."""
+        return self.eval_every or max(50, min(250, self.steps // 10))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def default_device() -> str:
@@ -76,23 +126,18 @@ def keynet_loss(model: KeyNet, q: torch.Tensor, h: torch.Tensor, key: torch.Tens
 
 
 def router_loss(pred: torch.Tensor, cluster_values: torch.Tensor, q_norm: torch.Tensor, scale: torch.Tensor,
-                kind: str = "ranking", temperature: float = 0.05) -> torch.Tensor:
+                temperature: float = 0.05) -> torch.Tensor:
     """Fit per-list support values h_c(q) so that the ranking of lists is right.
 
-    ``pred, cluster_values [b, nlist]`` (−inf marks an empty list), ``q_norm [b]``.
-    ``"regression"``: mean squared error over all non-empty lists, in units of scale·||q||.
-    ``"ranking"``: listwise cross-entropy between softmax(h_c/τ) and softmax(f_c/τ) (the lists
-    near the top carry the weight), plus 0.1 × the regression term so that predicted scores keep
-    their meaning for the confidence test.
+    ``pred, cluster_values [b, nlist]`` (−inf marks an empty list), ``q_norm [b]``. The listwise
+    cross-entropy between softmax(h_c/τ) and softmax(f_c/τ) (the lists near the top carry the
+    weight), plus 0.1 × the mean squared error over all non-empty lists in units of scale·||q||, so
+    that predicted scores keep their meaning for the confidence test.
     """
     unit = (scale * q_norm.clamp_min(1e-12))[:, None]
     valid = torch.isfinite(cluster_values)
     err = torch.where(valid, (pred - cluster_values) / unit, torch.zeros_like(pred))
     regression = (err ** 2).sum() / valid.sum().clamp_min(1)
-    if kind == "regression":
-        return regression
-    if kind != "ranking":
-        raise ValueError(f"unknown router loss {kind!r}: use 'regression' or 'ranking'")
     neg = torch.finfo(pred.dtype).min
     target = torch.softmax(torch.where(valid, cluster_values / unit, neg) / temperature, dim=1)
     logp = torch.log_softmax(torch.where(valid, pred / unit, neg) / temperature, dim=1)
@@ -174,7 +219,7 @@ def fit(model: nn.Module, batch_loss: Callable[[nn.Module, torch.Tensor], torch.
             bar.update(1)
             elapsed = time.perf_counter() - start
             out_of_time = config.time_limit is not None and elapsed > config.time_limit
-            if state["step"] % config.eval_every == 0 or state["step"] == config.steps or out_of_time:
+            if state["step"] % config.validation_interval == 0 or state["step"] == config.steps or out_of_time:
                 ema.eval()
                 score = float(validate(ema))
                 state["history"].append((state["step"], round(float(loss.item()), 6), score))
@@ -256,8 +301,7 @@ def train_direct(model: SupportNet | KeyNet, keys: np.ndarray, queries: np.ndarr
 
 
 def train_router(model: SupportNet, queries: np.ndarray, cluster_values: np.ndarray,
-                 val_queries: np.ndarray, val_cluster_values: np.ndarray, config: TrainConfig | None = None,
-                 loss: str = "ranking") -> dict:
+                 val_queries: np.ndarray, val_cluster_values: np.ndarray, config: TrainConfig | None = None) -> dict:
     """Fit a multi-output SupportNet to per-list support values h_c(q) (``[n, nlist]``).
 
     Early stopping on the validation share of queries whose argmax list is in the predicted top-p,
@@ -271,7 +315,7 @@ def train_router(model: SupportNet, queries: np.ndarray, cluster_values: np.ndar
     model.to(device)
 
     def batch_loss(m, rows):
-        return router_loss(m(q[rows]), hc[rows], q_norm[rows], m.scale, kind=loss)
+        return router_loss(m(q[rows]), hc[rows], q_norm[rows], m.scale)
 
     def validate(m):
         with torch.no_grad():

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import amips_faiss as af
 from amips_faiss.data import load_dataset
 from amips_faiss.metrics import found_scores, match_rate, recall_at_k
-from amips_faiss.routing import CentroidRouter, Router
+from amips_faiss.routing import Router
 from amips_faiss.targets import split_queries, support_values
 
 LEVELS = (0.90, 0.95, 0.99)
@@ -56,19 +56,16 @@ class Bench:
 
 
 def memory_bytes(index) -> int:
-    """Bytes an index takes when saved: faiss serialisation, or the IndexAMIPS file (lists + router)."""
+    """Bytes an index takes when saved: its faiss serialisation, or the whole IndexAMIPS file (lists,
+    buffer, router, calibration queries, fingerprints)."""
     if isinstance(index, af.IndexAMIPS):
-        model = index.router.model
-        params = sum(t.numel() * t.element_size() for t in model.state_dict().values()) if model is not None else 0
-        return memory_bytes(index.ivf) + params
+        return len(af.serialize_index(index))
     return int(faiss.serialize_index(index).nbytes)
 
 
 class OracleRouter(Router):
     """The ceiling of learned routing: the list holding the true argmax first, then centroid order.
     Knows the answers of the benchmark's test queries only (rows in order)."""
-
-    name = "oracle"
 
     def __init__(self, centroid_router, best_lists: np.ndarray):
         self.base, self.best = centroid_router, best_lists
@@ -102,7 +99,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
                                     "train": min(0.8, n_train / len(queries))}, seed=seed)
     test, train_q = queries[parts["test"]], queries[parts["train"]]
     N, d = keys.shape
-    nlist = int(round(4 * math.sqrt(N))) if not quick else int(round(2 * math.sqrt(N)))
+    nlist = af.default_nlist(N) if not quick else af.default_nlist(N) // 2
     unnormalised = np.ptp(np.linalg.norm(keys, axis=1)) > 1e-3
     print(f"[{data}] keys {keys.shape}, train queries {len(train_q)}, test queries {len(test)}, nlist {nlist}, "
           f"{'unnormalised' if unnormalised else 'unit-norm'} keys", flush=True)
@@ -120,11 +117,12 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     for router in routers:
         af.set_num_threads(2)
         t = time.perf_counter()
-        index = af.IndexAMIPS(d, nlist, router=router)
-        if indexes:  # same lists for every router: reuse the first index's trained quantizer
-            first = next(iter(indexes.values()))
-            index.ivf.quantizer.add(first.centroids())
-            index.ivf.is_trained = True
+        if indexes:  # same lists for every router: an empty copy of the first index's trained lists
+            lists = faiss.clone_index(next(iter(indexes.values())).ivf)
+            lists.reset()
+            index = af.IndexAMIPS.from_ivf(lists, router=router)
+        else:
+            index = af.IndexAMIPS(d, nlist, router=router)
         index.train(keys, train_q, steps=steps, time_limit=time_limit, seed=seed)
         index.add(keys)
         build[router] = time.perf_counter() - t
@@ -162,7 +160,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
         index_bytes = memory_bytes(index)
         for p in [p for p in sweep if p <= 64]:
             params = af.SearchParametersAMIPS(nprobe=p, margin=math.inf)
-            point = bench.measure(f"AMIPS {router}", f"nprobe={p}", lambda x: index.search(x, 10, params),
+            point = bench.measure(f"AMIPS {router}", f"nprobe={p}", lambda x: index.search(x, 10, params=params),
                                   lists=p, build_seconds=build[router], memory_bytes=index_bytes)
             point["router_us"] = index.stats.router_seconds_per_query * 1e6
         for target in (0.9, 0.95, 0.99, 0.995):
@@ -170,7 +168,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
                 params = af.SearchParametersAMIPS(nprobe=nprobe, target_recall=target, fallback="exact",
                                                   max_nprobe=max(nprobe, nlist // 4))
                 point = bench.measure(f"AMIPS {router} +confidence", f"target={target} nprobe={nprobe}",
-                                      lambda x: index.search(x, 10, params), build_seconds=build[router],
+                                      lambda x: index.search(x, 10, params=params), build_seconds=build[router],
                                       memory_bytes=index_bytes)
                 point.update(lists=index.stats.mean_lists_probed, fallback_share=index.stats.fallback_share,
                              router_us=index.stats.router_seconds_per_query * 1e6, target=target)
@@ -180,13 +178,10 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
 
     best_lists = support_values(keys, test, base.ivf.quantizer.assign(keys, 1).reshape(-1), nlist,
                                 progress=False).cluster_values.argmax(axis=1)
-    saved = base.router
-    base.router = OracleRouter(CentroidRouter(base.ivf.quantizer, base.centroids()), best_lists)
-    try:
-        params = af.SearchParametersAMIPS(nprobe=1, margin=math.inf)
-        bench.measure("oracle router", "nprobe=1", lambda x: base.search(x, 10, params), lists=1)
-    finally:
-        base.router = saved
+    centroid_order = af.IndexAMIPS.from_ivf(base.ivf, router="centroid").router
+    oracle = af.IndexAMIPS.from_ivf(base.ivf, router=OracleRouter(centroid_order, best_lists))
+    params = af.SearchParametersAMIPS(nprobe=1, margin=math.inf)
+    bench.measure("oracle router", "nprobe=1", lambda x: oracle.search(x, 10, params=params), lists=1)
 
     result = {"data": data, "n_keys": N, "d": d, "nlist": nlist, "n_test": len(test), "threads": threads,
               "quick": quick, "points": bench.points, "machine": _machine()}
@@ -223,7 +218,7 @@ def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit
                       build_seconds=pq_build, memory_bytes=pq_bytes)
         params = af.SearchParametersAMIPS(nprobe=p, margin=math.inf)
         bench.measure("AMIPS supportnet over IVFPQ-fs (from_ivf)", f"nprobe={p}",
-                      lambda x: wrapped.search(x, 10, params), lists=p, build_seconds=pq_build + train_seconds,
+                      lambda x: wrapped.search(x, 10, params=params), lists=p, build_seconds=pq_build + train_seconds,
                       memory_bytes=wrapped_bytes)
 
 

@@ -51,9 +51,9 @@ def run(data: str, minutes: float, seed: int = 0) -> list[dict]:
     budget = int(0.2 * keys.size)
     scale = float(np.median(np.linalg.norm(keys[t_train.ids], axis=1)))
     rows = []
-    for cls, lr in ((KeyNet, 1e-3), (SupportNet, 3e-3)):
+    for cls, lr, depth in ((KeyNet, 1e-3, 2), (SupportNet, 3e-3, 3)):
         torch.manual_seed(seed)
-        model = cls.from_budget(keys.shape[1], 1, budget, scale=scale)
+        model = cls.from_budget(keys.shape[1], budget, depth=depth, scale=scale)
         summary = train_direct(model, keys, train_q, t_train, queries[parts["val"]], t_val,
                                TrainConfig(steps=100_000, batch_size=1024, lr=lr, time_limit=60 * minutes,
                                            eval_every=250, patience=8, seed=seed))

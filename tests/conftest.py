@@ -23,7 +23,8 @@ _cache = {}
 
 @pytest.fixture(scope="session")
 def trained():
-    """A factory of trained IndexAMIPS (one per router, built once per session)."""
+    """A factory of trained IndexAMIPS (one per router, built once per session). Tests must not
+    change them: take ``copy_of(index)`` to add, remove or set anything."""
     def make(router: str, data) -> af.IndexAMIPS:
         if router not in _cache:
             index = af.IndexAMIPS(D, NLIST, router=router)
@@ -32,3 +33,8 @@ def trained():
             _cache[router] = index
         return _cache[router]
     return make
+
+
+def copy_of(index: af.IndexAMIPS) -> af.IndexAMIPS:
+    """An independent copy (through the index file format)."""
+    return af.deserialize_index(af.serialize_index(index))

@@ -3,7 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from amips_faiss.confidence import calibrate_margin, critical_margins, gaps, mean_lists, probe_schedule
+from amips_faiss.confidence import (Calibration, calibrate_margin, critical_margins, gaps, margin_for_recall,
+                                    mean_lists, probe_schedule)
 
 
 def test_probe_schedule_doubles_up_to_the_cap():
@@ -55,18 +56,48 @@ def test_critical_margins_agree_with_step_by_step_simulation():
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.95, 0.99])
 def test_calibrated_margin_reaches_the_target_and_is_the_largest_that_does(target):
     crit = np.random.default_rng(1).normal(size=1000)
-    tau, recall = calibrate_margin(crit, target)
+    tau, recall = margin_for_recall(crit, target)
     assert recall >= target and recall == np.mean(tau < crit)
     assert np.mean(np.nextafter(tau, np.inf) + 1e-9 < crit) < recall
 
 
 def test_unreachable_target_gives_never_sure():
     crit = np.array([np.inf, 1.0, -np.inf, -np.inf])
-    tau, recall = calibrate_margin(crit, 0.99)
+    tau, recall = margin_for_recall(crit, 0.99)
     assert tau == -np.inf and recall == 0.5
+
+
+@pytest.mark.parametrize("n, target", [(5000, 1.0), (98, 0.99), (18, 0.95)])
+def test_a_target_the_sample_cannot_certify_means_never_sure(n, target):
+    """⌈t·(n+1)⌉ > n: no margin is certified by n queries, even when every one of them is right
+    at any margin (critical margins all +inf): every query must go to the fallback."""
+    tau, recall = margin_for_recall(np.full(n, np.inf), target)
+    assert tau == -np.inf and recall == 1.0
+    tau, _ = margin_for_recall(np.full(n + 1, np.inf), target)
+    assert tau == (np.inf if np.ceil(target * (n + 2)) <= n + 1 else -np.inf)
 
 
 def test_target_met_at_the_first_round_gives_always_sure_with_its_true_recall():
     crit = np.array([np.inf] * 97 + [0.5, -1.0, -np.inf])
-    tau, recall = calibrate_margin(crit, 0.95)
+    tau, recall = margin_for_recall(crit, 0.95)
     assert tau == np.inf and recall == 0.97
+
+
+def test_calibrate_margin_sends_exactly_the_wrong_first_rounds_to_the_fallback():
+    """Three lists, one round of one list then the exact fallback. The router ranks list 0 first
+    for every query; it is the argmax list for 90 of 100 queries."""
+    n = 100
+    cluster_values = np.tile(np.array([[2.0, 1.0, 0.0]], np.float32), (n, 1))
+    cluster_values[:10] = [1.0, 2.0, 0.0]  # the router's first list is wrong for these
+    route_lists = np.tile(np.arange(3), (n, 1))
+    route_scores = np.tile(np.array([[1.5, 1.25, 0.125]], np.float32), (n, 1))
+    q_norm = np.ones(n)
+    result = calibrate_margin(route_scores, route_lists, cluster_values, q_norm, [1], np.ones(n, bool), 2, 0.95,
+                              blends=(0.0,))
+    assert isinstance(result, Calibration) and result.blend == 0.0
+    # the wrong queries found 1.0 < next prediction 1.25 (gap 0.25): they must be unsure; the right
+    # ones found 2.0 (gap −0.75) and may stop
+    assert -0.75 <= result.margin < 0.25 and result.recall == 1.0
+    never = calibrate_margin(route_scores, route_lists, cluster_values, q_norm, [1], np.zeros(n, bool), 0, 0.95,
+                             blends=(0.0,))
+    assert never.recall == 0.9 and never.margin == -np.inf

@@ -1,15 +1,18 @@
 import math
 import threading
+import time
 
 import faiss
 import numpy as np
 import pytest
 
 import amips_faiss as af
+from amips_faiss import probing
+from amips_faiss.data import make_clustered
 from amips_faiss.metrics import found_scores, match_rate
-from amips_faiss.scan import EMPTY_SCORE, scan_by_list, scan_dense, scan_preassigned
+from amips_faiss.routing import Router
 
-from .conftest import D, NLIST
+from .conftest import D, NLIST, copy_of
 
 FIXED = math.inf  # margin = inf: fixed probing, as faiss IVF does
 
@@ -25,32 +28,10 @@ def test_centroid_router_returns_exactly_faiss_ivfflat(synthetic, trained):
     for nprobe in (1, 3, 17):
         ivf.nprobe = nprobe
         D_ref, I_ref = ivf.search(synthetic["test"], 10)
-        params = af.SearchParametersAMIPS(nprobe=nprobe, margin=FIXED, scan="faiss")
-        D_ours, I_ours = index.search(synthetic["test"], 10, params)
+        params = af.SearchParametersAMIPS(nprobe=nprobe, margin=FIXED, scan_method="faiss")
+        D_ours, I_ours = index.search(synthetic["test"], 10, params=params)
         np.testing.assert_array_equal(I_ours, I_ref)
         np.testing.assert_array_equal(D_ours, D_ref)
-
-
-@pytest.mark.parametrize("k", [1, 10, 500])
-@pytest.mark.parametrize("blas_scan", [scan_by_list, scan_dense])
-def test_blas_scans_give_faiss_answers(synthetic, trained, k, blas_scan):
-    """The BLAS scans (pairs grouped by list, or all queries × touched lists, masked) find the same
-    keys as faiss's scan, up to float rounding; lists shorter than k, −1 entries in the plan included."""
-    index = trained("centroid", synthetic)
-    xq = synthetic["test"][:300]
-    _, lists = index.router.route(xq, 12)
-    lists[::7, 3:] = -1  # some queries probe fewer lists
-    coarse = np.zeros(lists.shape, np.float32)
-    D_ref, I_ref = scan_preassigned(index.ivf, xq, k, lists, coarse)
-    D_ours, I_ours = blas_scan(index.ivf, xq, k, lists)
-    np.testing.assert_allclose(D_ours, D_ref, rtol=1e-5, atol=1e-4)
-    found = D_ref > EMPTY_SCORE
-    assert (I_ours[~found] == -1).all() and (~found).any() == (k == 500)
-    # ids may only differ between keys of equal score
-    rows = np.nonzero((I_ours != I_ref) & found)[0]
-    assert len(rows) <= 0.01 * found.sum()
-    with pytest.raises(ValueError, match="scan"):
-        index.search(xq, 5, af.SearchParametersAMIPS(scan="simd"))
 
 
 @pytest.mark.parametrize("router", ["centroid", "supportnet"])
@@ -60,10 +41,21 @@ def test_exact_fallback_at_zero_confidence_is_exact_search(synthetic, trained, r
     flat.add(synthetic["keys"])
     D_ref, I_ref = flat.search(synthetic["test"], 5)
     params = af.SearchParametersAMIPS(nprobe=2, max_nprobe=4, margin=-math.inf, fallback="exact")
-    D_ours, I_ours = index.search(synthetic["test"], 5, params)
+    D_ours, I_ours = index.search(synthetic["test"], 5, params=params)
     np.testing.assert_array_equal(I_ours, I_ref)
     np.testing.assert_allclose(D_ours, D_ref, rtol=1e-5)
     assert index.stats.fallback_share == 1.0
+
+
+def test_target_recall_one_with_exact_fallback_is_exact_search(synthetic, trained):
+    """A target no calibration sample can certify means "never sure": all queries fall back."""
+    index = trained("supportnet", synthetic)
+    flat = faiss.IndexFlatIP(D)
+    flat.add(synthetic["keys"])
+    _, I_ref = flat.search(synthetic["test"], 1)
+    D_ours, I_ours = index.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(target_recall=1.0))
+    assert _match(synthetic, I_ours) == 1.0 and index.stats.fallback_share == 1.0
+    assert np.mean(I_ours == I_ref) > 0.999  # ids may differ only between keys of equal score
 
 
 @pytest.mark.parametrize("kind", ["IVF64,Flat", "IVF64,PQ8x4fs", "IVF64,SQ8"])
@@ -81,6 +73,7 @@ def test_from_ivf_matches_the_wrapped_index_at_centroid_routing(synthetic, kind)
     np.testing.assert_allclose(D_ours, D_ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_from_ivf_learned_router_over_pq_keeps_the_users_codes(synthetic):
     user = faiss.index_factory(D, "IVF256,PQ16", faiss.METRIC_INNER_PRODUCT)
     user.train(synthetic["keys"])
@@ -89,107 +82,98 @@ def test_from_ivf_learned_router_over_pq_keeps_the_users_codes(synthetic):
     index.train(queries=synthetic["train"], steps=400, progress=False)
     assert index.ntotal == user.ntotal and index.buffer.ntotal == 0
     # the best answer the user's own PQ codes allow: every list scanned
-    _, I_all = index.search(synthetic["test"], 1, af.SearchParametersAMIPS(margin=-math.inf, fallback="exact"))
-    _, I = index.search(synthetic["test"], 1, af.SearchParametersAMIPS(nprobe=1, margin=FIXED))
+    _, I_all = index.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(margin=-math.inf, fallback="exact"))
+    _, I = index.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(nprobe=1, margin=FIXED))
     centroid = af.IndexAMIPS.from_ivf(user, router="centroid")
-    _, I_c = centroid.search(synthetic["test"], 1, af.SearchParametersAMIPS(nprobe=1, margin=FIXED))
+    _, I_c = centroid.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(nprobe=1, margin=FIXED))
     assert np.mean(I == I_all) > np.mean(I_c == I_all) + 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["supportnet", "keynet", "linear"])
 def test_learned_routers_beat_centroids_at_equal_nprobe(synthetic, trained, router):
     index = trained(router, synthetic)
     centroid = trained("centroid", synthetic)
     for nprobe in (1, 2):
         params = af.SearchParametersAMIPS(nprobe=nprobe, margin=FIXED)
-        assert _match(synthetic, index.search(synthetic["test"], 1, params)[1]) > \
-            _match(synthetic, centroid.search(synthetic["test"], 1, params)[1]) + 0.02
+        assert _match(synthetic, index.search(synthetic["test"], 1, params=params)[1]) > \
+            _match(synthetic, centroid.search(synthetic["test"], 1, params=params)[1]) + 0.02
 
 
 @pytest.mark.parametrize("target", [0.95, 0.99])
 def test_target_recall_is_met_with_fewer_lists_than_centroid_routing(synthetic, trained, target):
     index = trained("supportnet", synthetic)
-    _, I = index.search(synthetic["test"], 1, af.SearchParametersAMIPS(target_recall=target))
+    _, I = index.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(target_recall=target))
     n = len(synthetic["test"])
     assert _match(synthetic, I) >= target - 2 * math.sqrt(target * (1 - target) / n)
     lists_used = index.stats.mean_lists_probed
     centroid = trained("centroid", synthetic)
     needed = next(p for p in range(1, NLIST + 1) if _match(
-        synthetic, centroid.search(synthetic["test"], 1, af.SearchParametersAMIPS(nprobe=p, margin=FIXED))[1]) >= target)
+        synthetic, centroid.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(nprobe=p, margin=FIXED))[1]) >= target)
     assert lists_used < needed
 
 
 def test_fallback_ivf_and_none_are_calibrated_per_setting(synthetic, trained):
     index = trained("supportnet", synthetic)
     settings = {"fallback": "exact", "max_nprobe": 2, "blend": 0.0}
-    tau_exact, _, _ = index.calibrate_margin(0.99, index._resolve(af.SearchParametersAMIPS(**settings)))
+    exact = index.calibrate_margin(0.99, af.SearchParametersAMIPS(**settings))
     settings["fallback"] = "none"
-    tau_none, _, _ = index.calibrate_margin(0.99, index._resolve(af.SearchParametersAMIPS(**settings)))
-    assert tau_exact >= tau_none
-    _, I = index.search(synthetic["test"], 1, af.SearchParametersAMIPS(target_recall=0.9, fallback="ivf", fallback_nprobe=40))
+    with pytest.warns(UserWarning, match="out of reach"):
+        none = index.calibrate_margin(0.99, af.SearchParametersAMIPS(**settings))
+    assert exact.margin >= none.margin and exact.recall >= 0.99 > none.recall
+    _, I = index.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(target_recall=0.9, fallback="ivf", fallback_nprobe=40))
     assert _match(synthetic, I) >= 0.88
 
 
-def test_save_load_gives_identical_answers(synthetic, trained, tmp_path):
-    for router in ("supportnet", "keynet"):
-        index = trained(router, synthetic)
-        path = str(tmp_path / f"{router}.amips")
-        af.write_index(index, path)
-        loaded = af.read_index(path)
-        assert loaded.ntotal == index.ntotal and loaded.router_name == router
-        for params in (None, af.SearchParametersAMIPS(nprobe=3, margin=FIXED)):
-            D1, I1 = index.search(synthetic["test"], 5, params)
-            D2, I2 = loaded.search(synthetic["test"], 5, params)
-            np.testing.assert_array_equal(I1, I2)
-            np.testing.assert_array_equal(D1, D2)
-
-
-def test_corrupt_truncated_and_pickle_files_are_refused(synthetic, trained, tmp_path):
-    path = str(tmp_path / "x.amips")
-    af.write_index(trained("supportnet", synthetic), path)
-    blob = open(path, "rb").read()
-    damaged = bytearray(blob)
-    damaged[len(blob) // 2] ^= 0xFF
-    for name, content, match in [("flip", bytes(damaged), "corrupt"), ("cut", blob[: len(blob) // 3], "corrupt|truncated"),
-                                 ("tiny", blob[:10], "truncated"), ("header", blob[:20], "corrupt"),
-                                 ("pickle", b"\x80\x04\x95" + b"cos\nsystem\n", "pickle"),
-                                 ("zip", b"PK\x03\x04torch", "pickle")]:
-        p = tmp_path / name
-        p.write_bytes(content)
-        with pytest.raises(ValueError, match=match):
-            af.read_index(str(p))
-    with pytest.raises(FileNotFoundError):
-        af.read_index(str(tmp_path / "missing"))
-
-
 def test_a_new_key_that_wins_many_queries_is_found(synthetic, trained):
-    index = trained("supportnet", synthetic)
+    index = copy_of(trained("supportnet", synthetic))
     direction = synthetic["test"][:200].mean(axis=0)
     winner = (direction / np.linalg.norm(direction) * 1e4).astype(np.float32)[None, :]
     index.add_with_ids(winner, np.array([999_999]))
-    try:
-        assert index.buffer.ntotal == 1
-        _, I = index.search(synthetic["test"][:200], 1, af.SearchParametersAMIPS(nprobe=1, margin=FIXED))
-        wins = (synthetic["test"][:200] @ winner[0]) > synthetic["exact"].values[:200]
-        assert wins.sum() > 100
-        assert (I[wins, 0] == 999_999).all()
-        np.testing.assert_array_equal(index.reconstruct(999_999), winner[0])
-    finally:
-        assert index.remove_ids(np.array([999_999])) == 1
-    assert index.buffer.ntotal == 0
+    assert index.buffer.ntotal == 1
+    _, I = index.search(synthetic["test"][:200], 1, params=af.SearchParametersAMIPS(nprobe=1, margin=FIXED))
+    wins = (synthetic["test"][:200] @ winner[0]) > synthetic["exact"].values[:200]
+    assert wins.sum() > 100
+    assert (I[wins, 0] == 999_999).all()
+    np.testing.assert_array_equal(index.reconstruct(999_999), winner[0])
+    assert index.remove_ids(np.array([999_999])) == 1 and index.buffer.ntotal == 0
 
 
-def test_refit_moves_buffered_keys_into_lists(synthetic):
+def _small_linear_index(synthetic):
     keys = synthetic["keys"]
     index = af.IndexAMIPS(D, 64, router="linear")
     index.train(keys[:10_000], synthetic["train"][:3000], steps=200, progress=False)
     index.add(keys[:10_000])
     index.add(keys[10_000:])
+    return index
+
+
+def test_refit_moves_buffered_keys_into_lists(synthetic):
+    index = _small_linear_index(synthetic)
     assert index.buffer.ntotal == 10_000 and index.ntotal == 20_000
     index.refit(synthetic["train"][:3000], steps=200, progress=False)
     assert index.buffer.ntotal == 0 and index.ntotal == 20_000
-    _, I = index.search(synthetic["test"], 1, af.SearchParametersAMIPS(target_recall=0.95))
+    _, I = index.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(target_recall=0.95))
     assert _match(synthetic, I) >= 0.93
+
+
+@pytest.mark.parametrize("queries, options, error", [
+    ("bad", {}, TypeError),
+    (np.zeros((10, D + 1), np.float32), {}, ValueError),
+    (np.full((10, D), np.nan, np.float32), {}, ValueError),
+    (None, {"augment": -1}, ValueError),
+    (None, {"n_calibration": 2.5}, ValueError),
+    (None, {"n_validation": 0}, ValueError),
+    (None, {"steps": 0}, ValueError),
+    (None, {"batch_size": "big"}, ValueError),
+    (None, {"stpes": 10}, TypeError),
+])
+def test_refit_with_a_bad_argument_changes_nothing(synthetic, queries, options, error):
+    index = _small_linear_index(synthetic)
+    state = (index.buffer.ntotal, index.ivf.ntotal, index.router, index.n_calibration)
+    with pytest.raises(error):
+        index.refit(queries, **options)
+    assert (index.buffer.ntotal, index.ivf.ntotal, index.router, index.n_calibration) == state
 
 
 def test_faiss_semantics_ids_padding_reset(synthetic):
@@ -203,47 +187,123 @@ def test_faiss_semantics_ids_padding_reset(synthetic):
     assert (I0 == -1).all() and D0.dtype == np.float32 and I0.dtype == np.int64
     ids = np.arange(3000, dtype=np.int64) * 7 + 5
     index.add_with_ids(keys, ids)
-    Dk, Ik = index.search(keys[:50].astype(np.float64)[:, ::1], 4, af.SearchParametersAMIPS(margin=-math.inf))
+    strided = np.repeat(keys[:50].astype(np.float64), 2, axis=1)[:, ::2]  # a non-contiguous float64 view
+    assert not strided.flags.c_contiguous
+    Dk, Ik = index.search(strided, 4, params=af.SearchParametersAMIPS(margin=-math.inf))
+    np.testing.assert_array_equal(Ik, index.search(np.ascontiguousarray(strided, np.float32), 4,
+                                                   params=af.SearchParametersAMIPS(margin=-math.inf))[1])
+    flat = faiss.IndexFlatIP(D)
+    flat.add(keys)
     assert np.isin(Ik, ids).all() and (np.diff(Dk, axis=1) <= 0).all()
+    assert (Ik[:, 0] == ids[flat.search(keys[:50], 1)[1][:, 0]]).all()  # exact answers, user ids
     np.testing.assert_array_equal(index.reconstruct(int(ids[17])), keys[17])
     with pytest.raises(KeyError, match="not in the index"):
         index.reconstruct(6)
     assert index.remove_ids(ids[:10]) == 10 and index.ntotal == 2990
     index.reset()
     assert index.ntotal == 0 and index.is_trained
-    D_few, I_few = af.IndexAMIPS.search(index, keys[:1], 5)
+    D_few, I_few = index.search(keys[:1], 5)
     assert (I_few == -1).all() and (D_few == np.finfo(np.float32).min).all()
 
 
-def test_bad_input_raises_clear_errors(synthetic, trained):
+@pytest.mark.parametrize("router", ["centroid", "supportnet"])
+def test_empty_batches_behave_as_in_faiss(synthetic, trained, router):
+    index = copy_of(trained(router, synthetic))
+    for params in (None, af.SearchParametersAMIPS(target_recall=0.99), af.SearchParametersAMIPS(margin=-math.inf)):
+        D_, I_ = index.search(np.zeros((0, D), np.float32), 7, params=params)
+        assert D_.shape == I_.shape == (0, 7) and D_.dtype == np.float32 and I_.dtype == np.int64
+    flat_D, flat_I = faiss.IndexFlatIP(D).search(np.zeros((0, D), np.float32), 7)
+    assert flat_D.shape == D_.shape and flat_I.shape == I_.shape
+    scores, ids = index.predict(np.zeros((0, D), np.float32))
+    assert scores.shape == ids.shape == (0,)
+    before = index.ntotal
+    index.add(np.zeros((0, D), np.float32))
+    index.add_with_ids(np.zeros((0, D), np.float32), np.zeros(0, np.int64))
+    assert index.ntotal == before
+    with pytest.raises(ValueError, match="dimension"):
+        index.search(np.zeros((0, D + 1), np.float32), 1)
+    with pytest.raises(ValueError, match="k must be positive"):
+        index.search(np.zeros((0, D), np.float32), 0)
+    with pytest.raises(ValueError, match="empty"):
+        af.IndexAMIPS(D, 8).train(np.zeros((0, D), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        index.refit(np.zeros((0, D), np.float32))
+
+
+def _bad_calls(index, q, tmp_path):
+    return {
+        "wrong dimension": (lambda: index.search(q[:, :5], 1), ValueError, "dimension 5"),
+        "1-D query": (lambda: index.search(q[0], 1), ValueError, "2-D"),
+        "NaN": (lambda: index.search(np.where(np.eye(4, D) > 0, np.nan, q), 1), ValueError, "NaN"),
+        "k = 0": (lambda: index.search(q, 0), ValueError, "k must be positive"),
+        "float k": (lambda: index.search(q, 2.5), TypeError, "k must be an integer"),
+        "string query": (lambda: index.search("abc", 1), TypeError, "2-D array"),
+        "params positional": (lambda: index.search(q, 1, af.SearchParametersAMIPS()), TypeError, "positional"),
+        "params dict": (lambda: index.search(q, 1, params={"nprobe": 2}), TypeError, "SearchParametersAMIPS"),
+        "fallback": (lambda: af.SearchParametersAMIPS(fallback="maybe"), ValueError, "fallback"),
+        "target_recall": (lambda: af.SearchParametersAMIPS(target_recall=1.5), ValueError, "target_recall"),
+        "blend": (lambda: af.SearchParametersAMIPS(blend=2.0), ValueError, "blend"),
+        "margin NaN": (lambda: af.SearchParametersAMIPS(margin=float("nan")), ValueError, "margin"),
+        "nprobe 0": (lambda: af.SearchParametersAMIPS(nprobe=0), ValueError, "nprobe"),
+        "scan_method": (lambda: af.SearchParametersAMIPS(scan_method="simd"), ValueError, "scan_method"),
+        "params typo": (lambda: af.SearchParametersAMIPS(n_probe=3), TypeError, "n_probe"),
+        "transplant": (lambda: af.IndexAMIPS(D, 8).train(np.ones((20, D)), transplant=-1), ValueError, "transplant"),
+        "ids count": (lambda: index.add_with_ids(q, np.arange(3)), ValueError, "3 entries for 4"),
+        "negative id": (lambda: index.add_with_ids(q, np.array([1, 2, -3, 4])), ValueError, "non-negative"),
+        "unknown id": (lambda: index.reconstruct(123_456_789), KeyError, "not in the index"),
+        "router": (lambda: af.IndexAMIPS(D, 4, router="magic"), ValueError, "unknown router"),
+        "nlist": (lambda: af.IndexAMIPS(D, 0), ValueError, "nlist"),
+        "not IVF": (lambda: af.IndexAMIPS.from_ivf(faiss.IndexFlatIP(D)), TypeError, "IVF"),
+        "pre-transform": (lambda: af.IndexAMIPS.from_ivf(faiss.index_factory(D, "PCA16,IVF4,Flat",
+                                                                            faiss.METRIC_INNER_PRODUCT)),
+                          TypeError, "pre-transform"),
+        "too few keys": (lambda: af.IndexAMIPS(D, 64).train(np.ones((10, D))), ValueError, "at least nlist"),
+        "train config": (lambda: af.IndexAMIPS(D, 8).train(np.ones((20, D)), config={"steps": 3}), TypeError,
+                         "TrainConfig"),
+    }
+
+
+BAD = list(_bad_calls(None, np.zeros((4, D), np.float32), None))
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_raises_clear_errors(synthetic, trained, case):
     index = trained("supportnet", synthetic)
-    q = synthetic["test"][:4]
-    cases = [
-        (lambda: index.search(q[:, :5], 1), ValueError, "dimension 5"),
-        (lambda: index.search(q[0], 1), ValueError, "2-D"),
-        (lambda: index.search(np.where(np.eye(4, D) > 0, np.nan, q), 1), ValueError, "NaN"),
-        (lambda: index.search(q, 0), ValueError, "k must be positive"),
-        (lambda: index.search(q, 2.5), TypeError, "k must be an integer"),
-        (lambda: index.search(q[:0], 1), ValueError, "empty"),
-        (lambda: index.search("abc", 1), TypeError, "2-D array"),
-        (lambda: index.search(q, 1, {"nprobe": 2}), TypeError, "SearchParametersAMIPS"),
-        (lambda: index.search(q, 1, af.SearchParametersAMIPS(nprobe=10**6)), ValueError, "nprobe"),
-        (lambda: index.search(q, 1, af.SearchParametersAMIPS(fallback="maybe")), ValueError, "fallback"),
-        (lambda: index.search(q, 1, af.SearchParametersAMIPS(target_recall=1.5)), ValueError, "target_recall"),
-        (lambda: index.search(q, 1, af.SearchParametersAMIPS(blend=2.0)), ValueError, "blend"),
-        (lambda: af.IndexAMIPS(D, 8).train(synthetic["keys"], transplant=-1), ValueError, "transplant"),
-        (lambda: index.add_with_ids(q, np.arange(3)), ValueError, "3 entries for 4"),
-        (lambda: index.add_with_ids(q, np.array([1, 2, -3, 4])), ValueError, "non-negative"),
-        (lambda: index.reconstruct(123_456_789), KeyError, "not in the index"),
-        (lambda: af.IndexAMIPS(D, 4, router="magic"), ValueError, "unknown router"),
-        (lambda: af.IndexAMIPS(D, 0), ValueError, "nlist"),
-        (lambda: af.IndexAMIPS.from_ivf(faiss.IndexFlatIP(D)), TypeError, "IVF"),
-        (lambda: af.IndexAMIPS(D, 64).train(synthetic["keys"][:10]), ValueError, "at least nlist"),
-        (lambda: af.write_index("not an index", "/tmp/x"), TypeError, "IndexAMIPS"),
-    ]
-    for call, exc, match in cases:
-        with pytest.raises(exc, match=match):
-            call()
+    call, exc, match = _bad_calls(index, synthetic["test"][:4], None)[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_settings_are_checked_when_set_and_typos_refused(synthetic, trained):
+    index = copy_of(trained("supportnet", synthetic))
+    with pytest.raises(AttributeError, match="n_probe"):
+        index.n_probe = 8
+    with pytest.raises(ValueError, match="fallback"):
+        index.fallback = "x"
+    with pytest.raises(ValueError, match="cannot be None"):
+        index.nprobe = None
+    with pytest.raises(AttributeError, match="ntotal"):
+        index.ntotal = 5
+    params = af.SearchParametersAMIPS()
+    with pytest.raises(AttributeError, match="n_probe"):
+        params.n_probe = 8
+    with pytest.raises(ValueError, match="max_nprobe"):
+        params.max_nprobe = -1
+    untrained = af.IndexAMIPS(D, 8)
+    with pytest.raises(RuntimeError, match="calibration"):
+        untrained.target_recall = 0.9
+    index.nprobe, index.target_recall = 4, None  # good values are taken and used
+    index.search(synthetic["test"][:100], 1)
+    assert index.stats.mean_lists_probed == 4
+
+
+def test_numbers_of_lists_above_nlist_mean_nlist_everywhere(synthetic, trained):
+    index = trained("centroid", synthetic)
+    q = synthetic["test"][:100]
+    big = af.SearchParametersAMIPS(nprobe=10 ** 6, max_nprobe=10 ** 6, fallback_nprobe=10 ** 6, margin=FIXED)
+    all_lists = af.SearchParametersAMIPS(nprobe=NLIST, max_nprobe=NLIST, fallback_nprobe=NLIST, margin=FIXED)
+    np.testing.assert_array_equal(index.search(q, 3, params=big)[1], index.search(q, 3, params=all_lists)[1])
+    assert index.stats.mean_lists_probed == NLIST
 
 
 def test_concurrent_searches_agree_with_serial(synthetic, trained):
@@ -266,6 +326,39 @@ def test_concurrent_searches_agree_with_serial(synthetic, trained):
         np.testing.assert_array_equal(I_, expect[1])
 
 
+def test_writers_wait_for_searches_and_searches_share_the_index(synthetic, trained, monkeypatch):
+    """A search holds the index for reading while it scans the lists in place: a second search runs
+    beside it, an add, remove_ids or reset waits until both are done."""
+    index = copy_of(trained("centroid", synthetic))
+    inside, release = threading.Semaphore(0), threading.Event()
+    real_scan = probing.scan_plan
+
+    def paused_scan(*args, **kwargs):
+        inside.release()
+        assert release.wait(10)
+        return real_scan(*args, **kwargs)
+    monkeypatch.setattr(probing, "scan_plan", paused_scan)
+    q = synthetic["test"][:50]
+    params = af.SearchParametersAMIPS(nprobe=2, margin=FIXED)
+    results = []
+    searches = [threading.Thread(target=lambda: results.append(index.search(q, 1, params=params))) for _ in range(2)]
+    for t in searches:
+        t.start()
+    assert inside.acquire(timeout=10) and inside.acquire(timeout=10)  # both searches are scanning at once
+    before = index.ntotal
+    writers = [threading.Thread(target=index.add, args=(synthetic["keys"][:10],)),
+               threading.Thread(target=index.remove_ids, args=(np.arange(5),)),
+               threading.Thread(target=index.reset)]
+    for t in writers:
+        t.start()
+    time.sleep(0.3)
+    assert all(t.is_alive() for t in writers) and index.ntotal == before  # the writers wait
+    release.set()
+    for t in searches + writers:
+        t.join(10)
+    assert len(results) == 2 and not any(t.is_alive() for t in writers)
+
+
 def test_predict_is_the_model_answer(synthetic, trained):
     index = trained("supportnet", synthetic)
     scores, ids = index.predict(synthetic["test"])
@@ -274,6 +367,32 @@ def test_predict_is_the_model_answer(synthetic, trained):
     # trained with a ranking loss, the router's values are a ranking first and an estimate second
     assert np.median(np.abs(scores - exact) / np.abs(exact)) < 0.25
     assert _match(synthetic, ids[:, None]) > 0.8
+
+
+class _FirstListRouter(Router):
+    """A user-built router: a fixed list first, then centroid order."""
+
+    def __init__(self, base, first):
+        self.base, self.first = base, first
+
+    def scores(self, xq):
+        s = self.base.scores(xq)
+        s[:, self.first] = np.inf
+        return s
+
+    @property
+    def macs_per_query(self):
+        return self.base.macs_per_query
+
+
+def test_a_user_built_router_is_used_as_given_and_can_be_calibrated(synthetic, trained):
+    base = trained("centroid", synthetic)
+    index = af.IndexAMIPS.from_ivf(base.ivf, router=_FirstListRouter(base.router, 7))
+    assert index.is_trained and index.router_name == "custom" and index.target_recall is None
+    _, I = index.search(synthetic["test"][:20], 1, params=af.SearchParametersAMIPS(nprobe=1, margin=FIXED))
+    assert np.isin(I[:, 0], faiss.rev_swig_ptr(base.ivf.invlists.get_ids(7), base.ivf.invlists.list_size(7))).all()
+    with pytest.raises(TypeError, match="from_ivf"):
+        af.IndexAMIPS(D, 8, router=_FirstListRouter(base.router, 0))
 
 
 def test_set_num_threads():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from amips_faiss.data import load_folder, make_clustered
-from amips_faiss.metrics import lists_needed, match_rate, recall_at_k
+from amips_faiss.metrics import match_rate, recall_at_k
 from amips_faiss.targets import augment_queries, split_queries, support_values, transplant_queries
 
 
@@ -61,8 +61,6 @@ def test_augmentation_keeps_originals_and_scales_noise_with_norm():
 def test_metrics():
     assert match_rate(np.array([1.0, 0.5, 2.0]), np.array([1.0, 1.0, 2.0])) == pytest.approx(2 / 3)
     assert recall_at_k(np.array([[1, 2], [3, -1]]), np.array([[2, 1], [3, 4]])) == pytest.approx(0.75)
-    scores = np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
-    assert lists_needed(scores, np.array([2, 0])).tolist() == [2, 1]
 
 
 def test_load_folder_errors(tmp_path):

@@ -3,12 +3,17 @@ import pytest
 import torch
 
 from amips_faiss.data import make_clustered
-from amips_faiss.metrics import lists_needed
 from amips_faiss.nn import KeyNet, SupportNet
 from amips_faiss.targets import split_queries, support_values
 from amips_faiss.training import TrainConfig, fit, router_loss, train_direct, train_router
 
 D = 32
+
+
+def lists_needed(scores: np.ndarray, target_lists: np.ndarray) -> np.ndarray:
+    """How many lists a router probes, in its score order, to reach ``target_lists [n]``."""
+    target = np.take_along_axis(scores, target_lists[:, None], axis=1)
+    return (scores > target).sum(axis=1) + 1
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def test_direct_prediction_beats_most_frequent_argmax(routed, kind):
     torch.manual_seed(0)
     scale = float(np.median(np.linalg.norm(keys, axis=1)))
     model = SupportNet(D, 1, width=128, depth=3, scale=scale) if kind == "supportnet" else \
-        KeyNet(D, 1, width=128, depth=2, scale=scale)
+        KeyNet(D, width=128, depth=2, scale=scale)
     lr = 1e-2 if kind == "supportnet" else 3e-3
     summary = train_direct(model, keys, queries[parts["train"]], t["train"], queries[parts["val"]], t["val"],
                            TrainConfig(steps=800, batch_size=512, lr=lr, progress=False))
@@ -56,14 +61,30 @@ def test_direct_prediction_beats_most_frequent_argmax(routed, kind):
     assert summary["best"] > (2 * most_frequent if kind == "supportnet" else most_frequent + 0.3)
 
 
-def test_router_loss_ranking_prefers_the_right_order():
+def test_router_loss_prefers_the_right_order_and_ignores_empty_lists():
     h = torch.tensor([[3.0, 1.0, -float("inf")]])
     good, bad = torch.tensor([[2.9, 1.1, 0.0]]), torch.tensor([[1.1, 2.9, 0.0]])
     norm, scale = torch.ones(1), torch.tensor(1.0)
-    for kind in ("ranking", "regression"):
-        assert router_loss(good, h, norm, scale, kind) < router_loss(bad, h, norm, scale, kind)
-    with pytest.raises(ValueError, match="unknown router loss"):
-        router_loss(good, h, norm, scale, "nope")
+    assert router_loss(good, h, norm, scale) < router_loss(bad, h, norm, scale)
+    # whatever the router says of an empty list (h_c = −inf) costs nothing, and stays finite
+    far = torch.tensor([[2.9, 1.1, 1e6]])
+    assert torch.isfinite(router_loss(far, h, norm, scale))
+    assert router_loss(far, h, norm, scale) == pytest.approx(float(router_loss(good, h, norm, scale)), rel=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 2.5), ("lr", -1.0), ("lr", float("nan")),
+                                          ("augment", -1), ("transplant", -0.5), ("n_calibration", "many"),
+                                          ("ema_decay", 1.0), ("time_limit", 0), ("eval_every", 0),
+                                          ("progress", "yes"), ("checkpoint", 3)])
+def test_train_config_refuses_bad_values(field, value):
+    with pytest.raises((ValueError, TypeError), match=field):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_derives_the_validation_interval():
+    assert TrainConfig(steps=4000).validation_interval == 250
+    assert TrainConfig(steps=300).validation_interval == 50
+    assert TrainConfig(steps=300, eval_every=7).validation_interval == 7
 
 
 def _toy_problem():

@@ -1,0 +1,64 @@
+import faiss
+import numpy as np
+import pytest
+
+from amips_faiss.scan import (EMPTY_SCORE, FlatListViews, scan_blas_by_list, scan_blas_dense, scan_faiss,
+                              scan_plan)
+
+from .conftest import D
+
+
+@pytest.mark.parametrize("k", [1, 10, 500])
+@pytest.mark.parametrize("blas_scan", [scan_blas_by_list, scan_blas_dense])
+def test_blas_scans_give_faiss_answers(synthetic, trained, k, blas_scan):
+    """The BLAS scans (pairs grouped by list, or all queries × touched lists, masked) find the same
+    keys as faiss's scan, up to float rounding; lists shorter than k, −1 entries in the plan included."""
+    index = trained("centroid", synthetic)
+    xq = synthetic["test"][:300]
+    _, lists = index.router.route(xq, 12)
+    lists[::7, 3:] = -1  # some queries probe fewer lists
+    coarse = np.zeros(lists.shape, np.float32)
+    D_ref, I_ref = scan_faiss(index.ivf, xq, k, lists, coarse)
+    D_ours, I_ours = blas_scan(index.ivf, xq, k, lists)
+    np.testing.assert_allclose(D_ours, D_ref, rtol=1e-5, atol=1e-4)
+    found = D_ref > EMPTY_SCORE
+    assert (I_ours[~found] == -1).all() and (~found).any() == (k == 500)
+    # ids may only differ between keys of equal score
+    rows = np.nonzero((I_ours != I_ref) & found)[0]
+    assert len(rows) <= 0.01 * found.sum()
+
+
+@pytest.mark.parametrize("method", ["auto", "faiss", "blas"])
+def test_every_scan_method_gives_the_same_top1(synthetic, trained, method):
+    index = trained("centroid", synthetic)
+    xq = synthetic["test"][:200]
+    _, lists = index.router.route(xq, 5)
+    views = FlatListViews(index.ivf)
+    try:
+        D_m, I_m = scan_plan(index.ivf, xq, 1, lists, None, index.centroids(), method, views)
+    finally:
+        views.release()
+    D_f, _ = scan_faiss(index.ivf, xq, 1, lists, np.zeros(lists.shape, np.float32))
+    np.testing.assert_allclose(D_m, D_f, rtol=1e-5)
+
+
+def test_blas_scan_is_refused_for_compressed_lists_and_unknown_methods(synthetic):
+    pq = faiss.index_factory(D, "IVF16,PQ8", faiss.METRIC_INNER_PRODUCT)
+    pq.train(synthetic["keys"][:5000])
+    pq.add(synthetic["keys"][:5000])
+    lists = np.zeros((3, 1), np.int64)
+    with pytest.raises(ValueError, match="flat lists"):
+        scan_plan(faiss.extract_index_ivf(pq), synthetic["test"][:3], 1, lists, None, None, "blas")
+    with pytest.raises(ValueError, match="scan_method"):
+        scan_plan(faiss.extract_index_ivf(pq), synthetic["test"][:3], 1, lists, None, None, "simd")
+
+
+def test_flat_list_views_are_the_lists_memory_and_are_released(synthetic, trained):
+    index = trained("centroid", synthetic)
+    views = FlatListViews(index.ivf)
+    keys, ids = views()
+    assert views() is views()  # made once per search
+    biggest = int(np.argmax([0 if i is None else len(i) for i in ids]))
+    np.testing.assert_array_equal(keys[biggest], synthetic["keys"][ids[biggest]])  # ids are the key rows
+    views.release()
+    assert views._views is None and views._pointers == []
