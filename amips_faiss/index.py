@@ -118,7 +118,7 @@ class IndexAMIPS:
         self._train_summary: dict = {}
         quarter = max(1, ivf.nlist // 4)
         self._settings = SearchParametersAMIPS(nprobe=1, max_nprobe=quarter, fallback="exact",
-                                               fallback_nprobe=quarter, scan_method="auto")
+                                               fallback_nprobe=quarter, scan_method="auto", confidence_rank=1)
         self._router = built
         if kind == "centroid" and ivf.is_trained:  # nothing to learn: ready now
             self._router = make_router(kind, ivf.quantizer, self.centroids())
@@ -324,17 +324,34 @@ class IndexAMIPS:
 
     def reconstruct(self, key: int) -> np.ndarray:
         """The stored vector ``[d] float32`` of id ``key`` (approximate for compressed IVF kinds)."""
-        key = int(check_ids(np.array([key]), name="id")[0])
+        return self.reconstruct_batch(np.array([key]))[0]
+
+    def reconstruct_batch(self, ids) -> np.ndarray:
+        """The stored vectors ``[m, d] float32`` of ``ids [m]``; KeyError names an id not stored."""
+        ids = check_ids(ids, name="id")
         if self._ivf.direct_map.type == faiss.DirectMap.NoMap:
             with self._lock.writing():
                 self._ensure_direct_map()
+        out = np.empty((len(ids), self.d), np.float32)
         with self._lock.reading():
-            for store in (self._buffer, self._ivf):
-                try:
-                    return store.reconstruct(key)
-                except RuntimeError:
-                    pass
-        raise KeyError(f"id {key} is not in the index")
+            buffered = np.isin(ids, faiss.vector_to_array(self._buffer.id_map)) if self._buffer.ntotal else \
+                np.zeros(len(ids), bool)
+            for store, rows in ((self._buffer, buffered), (self._ivf, ~buffered)):
+                if rows.any():
+                    try:
+                        out[rows] = store.reconstruct_batch(ids[rows])
+                    except RuntimeError:
+                        missing = next(int(i) for i in ids[rows] if not self._stores(store, int(i)))
+                        raise KeyError(f"id {missing} is not in the index") from None
+        return out
+
+    @staticmethod
+    def _stores(store, key: int) -> bool:
+        try:
+            store.reconstruct(key)
+            return True
+        except RuntimeError:
+            return False
 
     def _ensure_direct_map(self) -> None:
         if self._ivf.direct_map.type == faiss.DirectMap.NoMap:
@@ -388,8 +405,13 @@ class IndexAMIPS:
                        fallback_nprobe=min(p.fallback_nprobe, self.nlist))
 
     def _resolve(self, params: SearchParametersAMIPS | None) -> SearchParametersAMIPS:
-        """``_merge``, then the margin and blend: explicit, fixed probing, or calibrated."""
+        """``_merge``, then the margin and blend: explicit, fixed probing, or calibrated. Under a
+        filter the blend is 0: the router's forecast for its first list is over all keys, so only
+        the best *allowed* score found is a safe reference (a blend there stops queries too early:
+        0.88 instead of 0.95 at 10% selectivity on the test set)."""
         p = self._merge(params)
+        if p.sel is not None:
+            p = replace(p, blend=0.0)
         if p.margin is not None:
             return replace(p, blend=p.blend or 0.0)
         if p.target_recall is None:

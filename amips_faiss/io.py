@@ -96,8 +96,8 @@ def deserialize_index(data: bytes, name: str = "the data") -> IndexAMIPS:
 
 
 def _from_format_1(config: dict) -> dict:
-    """Format 1 kept the settings beside the config, had no scan_method, margin or blend, and a
-    KeyNet config with n_outputs (always 1)."""
+    """Format 1 kept the settings beside the config, had no scan_method, margin, blend or
+    confidence_rank, and a KeyNet config with n_outputs (always 1)."""
     settings = {name: config.pop(name) for name in ("nprobe", "max_nprobe", "target_recall", "fallback",
                                                     "fallback_nprobe")}
     model = config.get("model")

@@ -8,6 +8,7 @@ import math
 import numbers
 from dataclasses import dataclass, fields
 
+from .filtering import check_selector
 from .scan import SCAN_METHODS
 from .validation import check_fraction, check_positive_int
 
@@ -37,6 +38,8 @@ _CHECKS = {
     "fallback_nprobe": check_positive_int,
     "scan_method": lambda v, name: _check_choice(v, name, SCAN_METHODS),
     "blend": lambda v, name: _check_real(v, name, 0.0, 1.0),
+    "confidence_rank": check_positive_int,
+    "sel": check_selector,
 }
 
 
@@ -57,7 +60,14 @@ class SearchParametersAMIPS:
     ``search_preassigned``: bit-identical to faiss's own IVF search) or "blas" (see
     ``amips_faiss.scan``). blend: the weight λ in [0, 1] of the router's first-list prediction in the
     confidence test (see ``amips_faiss.confidence``); None = chosen with the margin by calibration
-    when the margin comes from target_recall, 0 with an explicit margin.
+    when the margin comes from target_recall, 0 with an explicit margin. confidence_rank: which
+    found score the confidence test holds against the router's forecast: 1 (default) = the best, what
+    target_recall is calibrated for; r > 1 = the r-th best, so that a query stops only when no
+    unprobed list is forecast to enter its top r (more lists, a better top-r; at least the target
+    for the top-1). sel (per call only, as in
+    faiss): a faiss ``IDSelector`` over user ids (Batch, Range, Bitmap, Array, Not/And/Or, ...) or an
+    array of allowed ids; the answer is then the filtered MIPS answer, −1 padded when fewer than k
+    keys pass, and target_recall means the filtered match rate.
     """
     nprobe: int | None = None
     max_nprobe: int | None = None
@@ -67,10 +77,12 @@ class SearchParametersAMIPS:
     fallback_nprobe: int | None = None
     scan_method: str | None = None
     blend: float | None = None
+    confidence_rank: int | None = None
+    sel: object = None
 
     def __setattr__(self, name: str, value) -> None:
         if name not in _CHECKS:
-            raise AttributeError(f"SearchParametersAMIPS has no setting {name!r}; settings: {SETTINGS}")
+            raise AttributeError(f"SearchParametersAMIPS has no setting {name!r}; settings: {SETTINGS + ('sel',)}")
         object.__setattr__(self, name, None if value is None else _CHECKS[name](value, name))
 
     def given(self) -> dict:
@@ -78,17 +90,19 @@ class SearchParametersAMIPS:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
-SETTINGS = tuple(f.name for f in fields(SearchParametersAMIPS))
-REQUIRED = ("nprobe", "max_nprobe", "fallback", "fallback_nprobe", "scan_method")  # an index always has these
+SETTINGS = tuple(f.name for f in fields(SearchParametersAMIPS) if f.name != "sel")  # what an index keeps
+REQUIRED = ("nprobe", "max_nprobe", "fallback", "fallback_nprobe", "scan_method", "confidence_rank")  # an index always has these
 
 
 @dataclass
 class SearchStats:
     """What the last search did: mean lists probed per query (fallback included), rounds run,
-    share of queries that reached the fallback, router seconds per query, total seconds."""
+    share of queries that reached the fallback, router seconds per query, total seconds, and
+    whether a selective filter made it scan the allowed keys directly (``brute_force``)."""
     n_queries: int = 0
     mean_lists_probed: float = 0.0
     rounds: int = 0
     fallback_share: float = 0.0
     router_seconds_per_query: float = 0.0
     seconds: float = 0.0
+    brute_force: bool = False

@@ -2,6 +2,13 @@
 first round's lists → scan them with the *original* queries → confidence test → unsure queries get
 the next round, and past the last one the fallback → ``D [n, k] float32, I [n, k] int64``.
 
+Under a filter (``p.sel``), the allowed keys of each list are counted once per call
+(``filtering.ListFilter``): lists with no allowed key are never scanned, the BLAS scans read only the
+allowed rows, faiss's scan gets the selector, and a filter that leaves at most ``BRUTE_FORCE_LISTS``
+average lists' worth of keys is answered by scanning those keys directly (exact), skipping the router.
+The confidence test is unchanged: the router predicts each list's best score over all its keys, and
+the best allowed score can only be lower, so a list it deems beaten is beaten under any filter.
+
 Also the router/faiss side of calibration: replaying the rounds on calibration queries whose exact
 per-list values are known, for ``confidence.calibrate_margin``.
 """
@@ -10,12 +17,16 @@ from __future__ import annotations
 import math
 import time
 
+import faiss
 import numpy as np
 
 from . import confidence
+from .filtering import ListFilter
 from .parameters import SearchParametersAMIPS, SearchStats
 from .routing import Router
-from .scan import EMPTY_SCORE, FlatListViews, scan_plan
+from .scan import EMPTY_SCORE, FlatListViews, is_flat, scan_plan
+
+BRUTE_FORCE_LISTS = 16  # a filter leaving fewer keys than this many average lists hold is brute-forced
 
 
 def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
@@ -31,14 +42,29 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     n, nlist = len(xq), ivf.nlist
     D = np.full((n, k), EMPTY_SCORE, np.float32)
     I = np.full((n, k), -1, np.int64)
+    listed = ListFilter(ivf, p.sel) if p.sel is not None else None
     if buffer.ntotal:  # keys the router has not seen: scanned exactly for every query
-        merge_into(D, I, np.arange(n), *buffer.search(xq, k))
+        params = faiss.SearchParameters(sel=listed.selector) if listed else None
+        merge_into(D, I, np.arange(n), *buffer.search(xq, k, params=params))
     ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) if p.margin < math.inf else [p.nprobe]
     views = FlatListViews(ivf)  # made once if a round scans flat lists by BLAS
+    scan_views = listed.views(views) if listed else views
 
     def scan(rows, lists, coarse):
-        merge_into(D, I, rows, *scan_plan(ivf, xq[rows], k, lists, coarse, centroids, p.scan_method, views))
+        if listed:
+            lists = listed.drop_empty(lists)
+        merge_into(D, I, rows, *scan_plan(ivf, xq[rows], k, lists, coarse, centroids, p.scan_method, scan_views,
+                                          listed.selector if listed else None))
+        return (lists >= 0).sum(axis=1)
 
+    if listed and is_flat(ivf) and listed.n_allowed <= BRUTE_FORCE_LISTS * ivf.ntotal / nlist:
+        try:  # a selective filter: scan its allowed keys directly, every query, exactly
+            allowed_lists = listed.allowed_lists()
+            probed = scan(np.arange(n), np.broadcast_to(allowed_lists, (n, len(allowed_lists))), None)
+        finally:
+            views.release()
+        return D, I, SearchStats(n, float(probed.mean()) if n else 0.0, 1, 0.0, 0.0,
+                                 time.perf_counter() - start_time, brute_force=True)
     try:
         router_seconds = -time.perf_counter()
         rank = router.ranker(xq)  # scores the batch once; each round ranks its active rows
@@ -54,22 +80,21 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
             router_seconds += time.perf_counter() - t
             if first_scores is None:
                 first_scores = route_scores[:, 0].astype(np.float64)
-            lists = route_lists[:, begin:end]
-            scan(active, lists, router.coarse_distances(route_scores[:, begin:end]))
-            probed[active] += (lists >= 0).sum(axis=1)
+            probed[active] += scan(active, route_lists[:, begin:end],
+                                   router.coarse_distances(route_scores[:, begin:end]))
             rounds += 1
             next_scores = route_scores[:, end] if end < route_scores.shape[1] else np.full(len(active), -np.inf)
-            # the best score found: target_recall is calibrated for the match rate (recall@1)
-            found = np.where(D[active, 0] <= EMPTY_SCORE, -np.inf, D[active, 0])
+            # the best score found (target_recall is calibrated for the match rate, recall@1), or the
+            # confidence_rank-th best: a list forecast below it cannot change the top confidence_rank
+            found = D[active, min(p.confidence_rank, k) - 1]
+            found = np.where(found <= EMPTY_SCORE, -np.inf, found)
             unsure = confidence.gaps(next_scores, found, q_norm[active], first_scores[active], p.blend) > p.margin
             active, probed_lists, begin = active[unsure], route_lists[unsure, :end], end
             if not len(active):
                 break
         n_fallback = len(active) if p.fallback != "none" else 0
         if n_fallback:
-            lists, coarse = fallback_plan(ivf, xq[active], probed_lists, p)
-            scan(active, lists, coarse)
-            probed[active] += (lists >= 0).sum(axis=1)
+            probed[active] += scan(active, *fallback_plan(ivf, xq[active], probed_lists, p))
     finally:
         views.release()
     stats = SearchStats(n, float(probed.mean()) if n else 0.0, rounds, n_fallback / max(1, n),

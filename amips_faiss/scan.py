@@ -78,12 +78,14 @@ class FlatListViews:
 
 
 def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None = None,
-              centroids: np.ndarray | None = None, method: str = "auto", views: FlatListViews | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+              centroids: np.ndarray | None = None, method: str = "auto", views: FlatListViews | None = None,
+              sel=None) -> tuple[np.ndarray, np.ndarray]:
     """The k best keys of each query among its ``lists [n, p]``, by the method that suits the plan.
 
     ``coarse [n, p]``: the quantizer's distances to those lists (faiss needs them for residual codes);
     when None they are computed from ``centroids [nlist, d]``. ``views``: the lists' views to reuse.
+    ``sel``: a faiss ``IDSelector`` for the faiss scan; the BLAS scans see only what ``views`` holds
+    (under a filter, views cut down to the allowed keys: ``filtering.ListFilter.views``).
     """
     if method not in SCAN_METHODS:
         raise ValueError(f"unknown scan_method {method!r}; choose one of {SCAN_METHODS}")
@@ -97,7 +99,7 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
             return scan_blas_by_list(ivf, xq, k, lists, views)
     if coarse is None:
         coarse = coarse_distances(ivf, centroids, xq, lists)
-    return scan_faiss(ivf, xq, k, lists, coarse)
+    return scan_faiss(ivf, xq, k, lists, coarse, sel)
 
 
 def _plan_size(lists: np.ndarray, nlist: int) -> tuple[int, int]:
@@ -117,18 +119,19 @@ def coarse_distances(ivf, centroids: np.ndarray | None, xq: np.ndarray, lists: n
     return ((xq[:, None, :] - cents) ** 2).sum(axis=2).astype(np.float32)
 
 
-def scan_faiss(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """faiss ``search_preassigned`` of ``xq [n, d]`` over ``lists [n, p]`` with ``coarse [n, p]``."""
+def scan_faiss(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray, sel=None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """faiss ``search_preassigned`` of ``xq [n, d]`` over ``lists [n, p]`` with ``coarse [n, p]``,
+    keeping only the ids a faiss ``IDSelector`` ``sel`` allows (when given)."""
     n, width = lists.shape
+    if n == 0 or width == 0:  # nothing to scan (faiss would read a list number past the plan)
+        return np.full((n, k), EMPTY_SCORE, np.float32), np.full((n, k), -1, np.int64)
     D = np.empty((n, k), np.float32)
     I = np.empty((n, k), np.int64)
-    if n == 0:
-        return D, I
     lists = np.ascontiguousarray(lists, np.int64)
     coarse = np.ascontiguousarray(coarse, np.float32)
     xq = np.ascontiguousarray(xq, np.float32)
-    params = faiss.SearchParametersIVF(nprobe=max(1, width))
+    params = faiss.SearchParametersIVF(nprobe=max(1, width), sel=sel)
     ivf.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
                              faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
     return D, I

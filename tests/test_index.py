@@ -306,6 +306,32 @@ def test_numbers_of_lists_above_nlist_mean_nlist_everywhere(synthetic, trained):
     assert index.stats.mean_lists_probed == NLIST
 
 
+def test_confidence_rank_holds_the_top_r_against_the_forecast(synthetic, trained):
+    """Comparing the forecast with the 10th best score found probes more lists and finds more of
+    the exact top 10 than comparing it with the best."""
+    index = trained("supportnet", synthetic)
+    flat = faiss.IndexFlatIP(D)
+    flat.add(synthetic["keys"])
+    _, I_ref = flat.search(synthetic["test"], 10)
+    recall, lists = {}, {}
+    for rank in (1, 10):
+        params = af.SearchParametersAMIPS(target_recall=0.9, confidence_rank=rank)
+        _, I = index.search(synthetic["test"], 10, params=params)
+        recall[rank] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_ref)])
+        lists[rank] = index.stats.mean_lists_probed
+    assert lists[10] > lists[1] and recall[10] > recall[1] + 0.01
+
+
+def test_reconstruct_batch_reads_lists_and_buffer(synthetic, trained):
+    index = copy_of(trained("supportnet", synthetic))
+    extra = np.full((1, D), 3.0, np.float32)
+    index.add_with_ids(extra, np.array([123_456]))
+    got = index.reconstruct_batch(np.array([5, 123_456, 7]))
+    np.testing.assert_array_equal(got, np.vstack([synthetic["keys"][5], extra[0], synthetic["keys"][7]]))
+    with pytest.raises(KeyError, match="999999"):
+        index.reconstruct_batch(np.array([5, 999_999]))
+
+
 def test_concurrent_searches_agree_with_serial(synthetic, trained):
     index = trained("supportnet", synthetic)
     expect = index.search(synthetic["test"], 3)
