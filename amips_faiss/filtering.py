@@ -89,16 +89,22 @@ class ListFilter:
 
 
 class _FilteredViews:
-    """Called like ``scan.FlatListViews``: ``(keys, ids)`` per list, only the allowed rows."""
+    """Called like ``scan.FlatListViews``: ``(keys, ids)`` of the plan's lists, only the allowed rows
+    (None for a list with none), cut on first need."""
 
     def __init__(self, list_filter: ListFilter, flat_views):
-        self._filter, self._flat, self._views = list_filter, flat_views, None
+        self._filter, self._flat = list_filter, flat_views
+        nlist = len(list_filter.counts)
+        self._keys, self._ids = [None] * nlist, [None] * nlist
+        self._done = np.zeros(nlist, bool)
 
-    def __call__(self) -> tuple[list, list]:
-        if self._views is None:
-            keys, ids = self._flat()
-            counts, masks = self._filter.counts, self._filter._masks
-            self._views = ([keys[i][masks[i]] if counts[i] else None for i in range(len(keys))],
-                           [ids[i][masks[i]] if counts[i] else None for i in range(len(ids))])
-        return self._views
-
+    def __call__(self, lists: np.ndarray) -> tuple[list, list]:
+        need = np.unique(lists[lists >= 0])
+        need = need[~self._done[need] & (self._filter.counts[need] > 0)]
+        if len(need):
+            keys, ids = self._flat(need)
+            for i in need.tolist():
+                mask = self._filter._masks[i]
+                self._keys[i], self._ids[i] = keys[i][mask], ids[i][mask]
+        self._done[need] = True
+        return self._keys, self._ids

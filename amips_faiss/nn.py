@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,10 +138,58 @@ class SupportNet(nn.Module):
             (grad,) = torch.autograd.grad(self(q)[:, output].sum(), q)
         return grad
 
+    @torch.no_grad()
+    def frozen(self) -> "FrozenSupportNet":
+        """This net's f on a snapshot of its weights, in numpy (see ``FrozenSupportNet``)."""
+        positive = lambda raw: _positive(raw).float().numpy()  # noqa: E731
+        as_numpy = lambda t: t.detach().float().numpy()  # noqa: E731
+        linear = (as_numpy(self.linear),) if self.linear_rank is None else \
+            (as_numpy(self.linear_v), as_numpy(self.linear_u))
+        layers = []
+        if self.depth > 0:
+            layers.append((None, as_numpy(self.input_weights[0]), positive(self.bias_raw[0])))
+            for wz, wx, b in zip(self.hidden_raw, list(self.input_weights)[1:], list(self.bias_raw)[1:]):
+                layers.append((positive(wz), as_numpy(wx), positive(b)))
+        return FrozenSupportNet(linear, positive(self.out_bias_raw), layers,
+                                positive(self.out_raw) if self.depth > 0 else None, float(self.scale),
+                                self.alpha, self.beta)
+
     def config(self) -> dict:
         """The constructor arguments that rebuild this net (``model_from_config``)."""
         return {"kind": "SupportNet", "dim": self.dim, "n_outputs": self.n_outputs, "width": self.width,
                 "depth": self.depth, "linear_rank": self.linear_rank, "alpha": self.alpha, "beta": self.beta}
+
+
+class FrozenSupportNet:
+    """A trained SupportNet's f(q) = s·||q||·g(q/||q||), evaluated in numpy float32 on weights taken
+    once (the sign constraints already applied): the same numbers as ``SupportNet.forward`` up to
+    float rounding, without torch's per-call dispatch, which costs ~1 ms for a single query against
+    tens of µs here. For inference only (no gradients)."""
+
+    def __init__(self, linear: tuple, out_bias, layers: list, out_weights, scale: float, alpha: float, beta: float):
+        self.linear, self.out_bias, self.layers, self.out_weights = linear, out_bias, layers, out_weights
+        self.scale, self.alpha, self.beta = scale, alpha, beta
+
+    def _act(self, u: np.ndarray) -> np.ndarray:
+        return self.alpha * u + (1.0 - self.alpha) * (np.logaddexp(0.0, self.beta * u) / self.beta)
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        """``[n, dim] float32`` → ``[n, n_outputs] float32``; f(0) = 0."""
+        norm = np.linalg.norm(q, axis=1, keepdims=True)
+        x = q / np.maximum(norm, 1e-12)
+        out = x @ self.linear[0].T
+        if len(self.linear) == 2:
+            out = out @ self.linear[1].T
+        out += self.out_bias
+        z = None
+        for wz, wx, b in self.layers:
+            u = x @ wx.T + b
+            if wz is not None:
+                u += z @ wz.T
+            z = self._act(u)
+        if z is not None:
+            out += z @ self.out_weights.T
+        return (self.scale * norm * out).astype(np.float32, copy=False)
 
 
 class KeyNet(nn.Module):

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
+import threadpoolctl
 
 from . import confidence
 from .filtering import ListFilter
@@ -26,7 +28,34 @@ from .parameters import SearchParametersAMIPS, SearchStats
 from .routing import Router
 from .scan import EMPTY_SCORE, FlatListViews, is_flat, scan_plan
 
-BRUTE_FORCE_LISTS = 16  # a filter leaving fewer keys than this many average lists hold is brute-forced
+# A filter leaving at most this many average lists' worth of keys is brute-forced. Measured on Debian
+# (benchmarks/hybrid.py, one thread, target 0.95): scanning the allowed keys beat routed rounds at
+# 1,491 keys (24 lists' worth: 15.5k vs 13.9k QPS), tied at 2,982 (49: 10.0k vs 10.9k), lost at
+# 5,965 (98: 6.3k vs 16.1k); a correlated filter (section = games, 1,104 keys) favours it most.
+BRUTE_FORCE_LISTS = 48
+PARALLEL_MIN_QUERIES = 256  # a batch is split across threads only into chunks at least this big
+
+
+def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
+                    centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """``search`` on up to ``n_threads`` chunks of a big batch at once, each thread with one BLAS
+    and one OpenMP thread (numpy, BLAS and faiss release the GIL while they work): the second core
+    works on other queries instead of splitting small per-list products. Small batches run as one."""
+    chunks = min(n_threads, len(xq) // PARALLEL_MIN_QUERIES)
+    if chunks < 2:
+        return search(ivf, router, buffer, xq, k, p, centroids)
+    start = time.perf_counter()
+    bounds = np.linspace(0, len(xq), chunks + 1).astype(int)
+    with threadpoolctl.threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
+            chunks, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
+        parts = list(pool.map(lambda lo, hi: search(ivf, router, buffer, xq[lo:hi], k, p, centroids),
+                              bounds[:-1], bounds[1:]))
+    weights = np.diff(bounds) / len(xq)
+    mean = lambda field: float(sum(w * getattr(s, field) for w, (_, _, s) in zip(weights, parts)))  # noqa: E731
+    stats = SearchStats(len(xq), mean("mean_lists_probed"), max(s.rounds for _, _, s in parts),
+                        mean("fallback_share"), mean("router_seconds_per_query"), time.perf_counter() - start,
+                        any(s.brute_force for _, _, s in parts))
+    return np.vstack([D for D, _, _ in parts]), np.vstack([I for _, I, _ in parts]), stats
 
 
 def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
@@ -141,6 +170,9 @@ def calibrate(ivf, router: Router, queries: np.ndarray, cluster_values: np.ndarr
 def merge_into(D: np.ndarray, I: np.ndarray, rows: np.ndarray, D_new: np.ndarray, I_new: np.ndarray) -> None:
     """Merge results ``D_new, I_new [len(rows), k]`` into rows of ``D, I``, keeping the k best."""
     if not len(rows):
+        return
+    if (D[rows, 0] == EMPTY_SCORE).all():  # nothing found yet (a first round): the new results as they are
+        D[rows], I[rows] = D_new, I_new
         return
     k = D.shape[1]
     Dc = np.hstack([D[rows], D_new])

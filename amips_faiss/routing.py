@@ -30,7 +30,7 @@ def top_lists(scores: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]
     """
     n, nlist = scores.shape
     m = min(n_lists, nlist)
-    if m <= 12:  # a partial heap (torch.topk) beats numpy's partition for very few lists
+    if m <= 12 and n >= 64:  # in big batches a partial heap (torch.topk) beats numpy for very few lists
         top = torch.topk(torch.from_numpy(np.ascontiguousarray(scores, np.float32)), m, dim=1, sorted=True)
         out_scores, lists = top.values.numpy(), top.indices.numpy()
     else:
@@ -114,10 +114,10 @@ class SupportNetRouter(Router):
 
     def __init__(self, model: SupportNet):
         self.model = model.eval()
+        self._forward = model.frozen()  # numpy on a snapshot: no torch dispatch per call
 
-    @torch.inference_mode()
     def scores(self, xq: np.ndarray) -> np.ndarray:
-        out = [self.model(torch.from_numpy(xq[lo:lo + _CHUNK])).numpy() for lo in range(0, len(xq), _CHUNK)]
+        out = [self._forward(xq[lo:lo + _CHUNK]) for lo in range(0, len(xq), _CHUNK)]
         return np.concatenate(out) if out else np.zeros((0, self.model.n_outputs), np.float32)
 
     @property

@@ -18,8 +18,9 @@ between its BLAS and SIMD paths):
 
 ``scan_plan`` picks by ``method`` (the ``scan_method`` search setting): "faiss" always takes
 ``scan_faiss``; "blas" takes ``scan_blas_dense`` when the plan covers at least half of the
-(query, touched list) pairs, else ``scan_blas_by_list``; "auto" does as "blas" for flat lists when the
-plan is dense or holds at least ``BY_LIST_PAIRS_PER_LIST`` pairs per touched list, else faiss.
+(query, touched list) pairs, else ``scan_blas_by_list``; "auto" does as "blas" for flat lists and at
+least ``BLAS_MIN_QUERIES`` queries when the plan is dense or holds at least ``BY_LIST_PAIRS_PER_LIST``
+pairs per touched list, else faiss.
 
 The BLAS scans read the lists in place through ``FlatListViews``: pointers into faiss's memory,
 valid while the index is not modified (``IndexAMIPS`` holds its read lock for the whole search) and
@@ -36,6 +37,10 @@ from .routing import top_lists
 
 EMPTY_SCORE = np.finfo(np.float32).min  # what faiss returns for a missing result (inner product)
 BY_LIST_PAIRS_PER_LIST = 8  # measured break-even (Debian, one thread): below it faiss's scan is faster
+# Fewer queries than this are always scanned by faiss. Measured (Debian, one thread, µs per call,
+# faiss / BLAS dense): 1 query × 8 lists 59 / 430, × 900 lists 6,821 / 16,631; 8 × 900: 33,555 /
+# 33,874; 16 × 900: 72,232 / 40,841. Reading a list's memory costs ~15 µs, which only a batch repays.
+BLAS_MIN_QUERIES = 16
 DENSE_SHARE = 0.5  # planned share of all (query, touched list) pairs above which scan_blas_dense wins
 SCAN_METHODS = ("auto", "faiss", "blas")
 _MAX_CANDIDATES = 1 << 22  # scores held at once by the by-list (pairs × k) and dense (queries × keys) scans
@@ -47,26 +52,29 @@ def is_flat(ivf) -> bool:
 
 
 class FlatListViews:
-    """Views, without copy, of a flat IVF's lists, made on first call and reused by the rounds of one
-    search: ``keys [size, d] float32`` and ``ids [size] int64`` per list (None for an empty list).
-    Valid until the index is next modified; ``release`` hands the pointers back to faiss."""
+    """Views, without copy, of a flat IVF's lists, made as the rounds of one search first need them:
+    ``views(lists)`` returns ``keys`` and ``ids``, indexed by list number, holding ``[size, d] float32``
+    and ``[size] int64`` views for every list in the plan ``lists`` (None for an empty list or one
+    not yet needed). Valid until the index is next modified; ``release`` hands the pointers back."""
 
     def __init__(self, ivf):
-        self._ivf, self._views, self._pointers = ivf, None, []
+        self._ivf = ivf
+        self._keys, self._ids = [None] * ivf.nlist, [None] * ivf.nlist
+        self._loaded = np.zeros(ivf.nlist, bool)
+        self._pointers = []
 
-    def __call__(self) -> tuple[list, list]:
-        if self._views is None:
-            invlists, d = self._ivf.invlists, self._ivf.d
-            keys, ids = [None] * self._ivf.nlist, [None] * self._ivf.nlist
-            for i in range(self._ivf.nlist):
-                size = invlists.list_size(i)
-                if size:
-                    codes, list_ids = invlists.get_codes(i), invlists.get_ids(i)
-                    self._pointers.append((i, codes, list_ids))
-                    keys[i] = faiss.rev_swig_ptr(codes, size * d * 4).view(np.float32).reshape(size, d)
-                    ids[i] = faiss.rev_swig_ptr(list_ids, size)
-            self._views = keys, ids
-        return self._views
+    def __call__(self, lists: np.ndarray) -> tuple[list, list]:
+        invlists, d = self._ivf.invlists, self._ivf.d
+        need = np.unique(lists[lists >= 0])
+        for i in need[~self._loaded[need]].tolist():
+            self._loaded[i] = True
+            size = invlists.list_size(i)
+            if size:
+                codes, list_ids = invlists.get_codes(i), invlists.get_ids(i)
+                self._pointers.append((i, codes, list_ids))
+                self._keys[i] = faiss.rev_swig_ptr(codes, size * d * 4).view(np.float32).reshape(size, d)
+                self._ids[i] = faiss.rev_swig_ptr(list_ids, size)
+        return self._keys, self._ids
 
     def release(self) -> None:
         """Hand every pointer back to the inverted lists; the views are invalid afterwards."""
@@ -74,7 +82,9 @@ class FlatListViews:
         for i, codes, ids in self._pointers:
             invlists.release_codes(i, codes)
             invlists.release_ids(i, ids)
-        self._views, self._pointers = None, []
+        self._keys, self._ids = [None] * self._ivf.nlist, [None] * self._ivf.nlist
+        self._loaded[:] = False
+        self._pointers = []
 
 
 def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None = None,
@@ -91,7 +101,7 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
         raise ValueError(f"unknown scan_method {method!r}; choose one of {SCAN_METHODS}")
     if method == "blas" and not is_flat(ivf):
         raise ValueError("scan_method='blas' needs flat lists (IndexIVFFlat); this index compresses its keys")
-    if method == "blas" or (method == "auto" and is_flat(ivf)):
+    if method == "blas" or (method == "auto" and is_flat(ivf) and len(lists) >= BLAS_MIN_QUERIES):
         pairs, touched = _plan_size(lists, ivf.nlist)
         if pairs >= DENSE_SHARE * len(lists) * touched:
             return scan_blas_dense(ivf, xq, k, lists, views)
@@ -141,7 +151,7 @@ def scan_blas_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: Fla
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Flat lists only: group the (query, list) pairs by list, one BLAS product per list.
     ``views``: the caller's views of the lists (made and released here when None)."""
-    with _views_of(ivf, views) as (keys, ids):
+    with _views_of(ivf, views, lists) as (keys, ids):
         return _by_list(keys, ids, xq, k, lists)
 
 
@@ -159,19 +169,19 @@ def scan_blas_dense(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatL
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Flat lists only: every query against every list the plan touches, unplanned pairs masked.
     ``views``: the caller's views of the lists (made and released here when None)."""
-    with _views_of(ivf, views) as (keys, ids):
+    with _views_of(ivf, views, lists) as (keys, ids):
         return _dense(keys, ids, xq, k, lists)
 
 
 @contextlib.contextmanager
-def _views_of(ivf, views: FlatListViews | None):
-    """The caller's views, or fresh ones released on exit."""
+def _views_of(ivf, views: FlatListViews | None, lists: np.ndarray):
+    """The caller's views of the plan's lists, or fresh ones released on exit."""
     if views is not None:
-        yield views()
+        yield views(lists)
         return
     own = FlatListViews(ivf)
     try:
-        yield own()
+        yield own(lists)
     finally:
         own.release()
 

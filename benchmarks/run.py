@@ -1,11 +1,17 @@
-"""Side-by-side benchmark: IndexAMIPS (every router) against faiss exact, IVF and HNSW, hnswlib and
-ScaNN when installed, and the oracle router — same keys, same held-out test queries, same threads.
+"""Side-by-side benchmark: IndexAMIPS (every router) against exact search, faiss IVF and HNSW, hnswlib
+and ScaNN when installed, and the oracle router — same keys, same held-out test queries, same threads.
 
     python -m benchmarks.run --data glove|debian|synthetic|PATH [--quick] [--threads 1] [--out results]
 
-Test queries are split off first and never seen by training, calibration or parameter choice.
-Writes ``<out>/<data>.json`` (every point), ``<out>/<data>.png`` (QPS vs match rate) and
-``<out>/<data>.md`` (best QPS at match rate >= 0.90 / 0.95 / 0.99, with ratios).
+Each peer at its best: exact search is the faster of faiss ``IndexFlatIP`` and a plain BLAS product +
+partial sort; HNSW32 searches by inner product directly (and, for unnormalised keys, also through the
+MIPS→L2 transform), efSearch up to 1024; ScaNN sweeps leaves and reordering. Test queries are split
+off first and never seen by training, calibration or parameter choice. Serving modes: for each
+method, its fastest setting reaching match rate 0.95 in the batch run is also timed one query per
+call and 16 per call (latency p50/p99) and on 2 threads (QPS).
+Writes ``<out>/<data>.json`` (every point), ``<out>/<data>.png`` (QPS vs match rate),
+``<out>/<data>-serving.png`` and ``<out>/<data>.md`` (best QPS at match rate >= 0.90 / 0.95 / 0.99
+with ratios, and the serving table).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from amips_faiss.routing import Router
 from amips_faiss.targets import split_queries, support_values
 
 LEVELS = (0.90, 0.95, 0.99)
+SERVING_LEVEL = 0.95
+PEERS = ("exact", "faiss IVFFlat", "faiss HNSW32", "hnswlib", "ScaNN")  # method names start with these
 
 
 def timed(search, xq: np.ndarray, repeats: int) -> tuple[float, tuple]:
@@ -43,7 +51,8 @@ class Bench:
 
     def __init__(self, keys, test, exact, exact10, repeats):
         self.keys, self.test, self.exact, self.exact10, self.repeats = keys, test, exact, exact10, repeats
-        self.points = []
+        self.points, self.searches = [], {}
+        self.missing = {}  # peer → why it has no row
 
     def measure(self, method: str, setting: str, search, **extra) -> dict:
         seconds, (D, I) = timed(search, self.test, self.repeats)
@@ -52,7 +61,54 @@ class Bench:
                  "recall@10": recall_at_k(I[:, :10], self.exact10) if I.shape[1] >= 10 else None,
                  "qps": len(self.test) / seconds, **extra}
         self.points.append(point)
+        self.searches[method, setting] = search
         return point
+
+    def serving(self, threads: int, n_single: int = 300, batch: int = 16) -> list[dict]:
+        """For each method, its fastest setting at match rate >= SERVING_LEVEL, timed one query per
+        call, ``batch`` per call (latency p50/p99 µs per call) and as a whole batch on 2 threads."""
+        rows = []
+        for method in dict.fromkeys(p["method"] for p in self.points if p["method"] != "oracle router"):
+            reached = [p for p in self.points if p["method"] == method and p["match_rate"] >= SERVING_LEVEL]
+            if not reached:
+                continue
+            point = max(reached, key=lambda p: p["qps"])
+            search = self.searches[method, point["setting"]]
+            row = {"method": method, "setting": point["setting"], "match_rate": point["match_rate"],
+                   "qps_1_thread": point["qps"]}
+            for size, name in ((1, "batch1"), (batch, f"batch{batch}")):
+                calls = [self.test[lo:lo + size] for lo in range(0, min(len(self.test), n_single * size), size)]
+                search(calls[0])  # warm: first-call costs (calibration cache, lazy maps) are not latency
+                times = []
+                for x in calls:
+                    t = time.perf_counter()
+                    search(x)
+                    times.append(time.perf_counter() - t)
+                row[f"{name}_p50_us"] = float(np.median(times) * 1e6)
+                row[f"{name}_p99_us"] = float(np.percentile(times, 99) * 1e6)
+            af.set_num_threads(2)
+            try:
+                row["qps_2_threads"] = len(self.test) / timed(search, self.test, self.repeats)[0]
+            finally:
+                af.set_num_threads(threads)
+            rows.append(row)
+        return rows
+
+
+def blas_exact(keys: np.ndarray, k: int, block: int = 2048):
+    """Exact top-k by a plain BLAS product and a partial sort, in blocks of queries."""
+    def search(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        D = np.empty((len(x), k), np.float32)
+        I = np.empty((len(x), k), np.int64)
+        for lo in range(0, len(x), block):
+            scores = x[lo:lo + block] @ keys.T
+            top = np.argpartition(scores, len(keys) - k, axis=1)[:, len(keys) - k:]
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_scores, axis=1)
+            D[lo:lo + block] = np.take_along_axis(top_scores, order, axis=1)
+            I[lo:lo + block] = np.take_along_axis(top, order, axis=1)
+        return D, I
+    return search
 
 
 def memory_bytes(index) -> int:
@@ -109,7 +165,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     exact_scores, exact10 = flat.search(test, 10)
     bench = Bench(keys, test, exact_scores[:, 0], exact10, repeats=3)
     af.set_num_threads(threads)
-    bench.measure("exact", "IndexFlatIP", lambda x: flat.search(x, 10), memory_bytes=memory_bytes(flat))
+    bench.measure("exact IndexFlatIP", "k=10", lambda x: flat.search(x, 10), memory_bytes=memory_bytes(flat))
+    bench.measure("exact BLAS + partial sort", "k=10", blas_exact(keys, 10), memory_bytes=keys.nbytes)
 
     routers = routers or (["supportnet"] if quick else ["supportnet", "linear", "keynet", "centroid"])
     steps = steps or (800 if quick else 6000)
@@ -140,21 +197,11 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
         bench.measure("faiss IVFFlat", f"nprobe={p}", lambda x: ivf.search(x, 10), lists=p,
                       memory_bytes=ivf_bytes)
 
-    af.set_num_threads(2)
-    t = time.perf_counter()
-    hnsw_keys, hnsw_test = mips_to_l2(keys, test) if unnormalised else (keys, test)
-    hnsw = faiss.IndexHNSWFlat(hnsw_keys.shape[1], 32, faiss.METRIC_L2 if unnormalised else faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = 80
-    hnsw.add(hnsw_keys)
-    hnsw_build = time.perf_counter() - t
-    hnsw_bytes = memory_bytes(hnsw)
-    af.set_num_threads(threads)
-    hnsw_name = "faiss HNSW32" + (" (MIPS→L2)" if unnormalised else "")
-    for ef in tqdm((16, 32, 64, 128, 256, 512), desc="HNSW sweep", leave=False):
-        hnsw.hnsw.efSearch = ef
-        bench.measure(hnsw_name, f"efSearch={ef}", lambda x: hnsw.search(hnsw_test, 10),
-                      build_seconds=hnsw_build, memory_bytes=hnsw_bytes)
-    _optional_peers(bench, keys, test, threads, quick)
+    _hnsw(bench, "faiss HNSW32", keys, lambda x: x, faiss.METRIC_INNER_PRODUCT, threads)
+    if unnormalised:  # the transform that makes MIPS a nearest-neighbour problem, as a second row
+        _hnsw(bench, "faiss HNSW32 (MIPS→L2)", mips_to_l2(keys, keys[:0])[0],
+              lambda x: mips_to_l2(keys[:1], x)[1], faiss.METRIC_L2, threads)
+    _optional_peers(bench, keys, threads)
 
     for router, index in indexes.items():
         index_bytes = memory_bytes(index)
@@ -183,18 +230,36 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     params = af.SearchParametersAMIPS(nprobe=1, margin=math.inf)
     bench.measure("oracle router", "nprobe=1", lambda x: oracle.search(x, 10, params=params), lists=1)
 
+    serving = bench.serving(threads, n_single=100 if quick else 300)
     result = {"data": data, "n_keys": N, "d": d, "nlist": nlist, "n_test": len(test), "threads": threads,
-              "quick": quick, "points": bench.points, "machine": _machine()}
+              "quick": quick, "points": bench.points, "serving": serving, "missing": bench.missing,
+              "machine": _machine()}
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"{data if os.sep not in data else 'folder'}{'-quick' if quick else ''}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    table = summary_table(bench.points, hnsw_name)
+    table = summary_table(bench.points, bench.missing) + "\n" + serving_table(result["serving"])
     with open(stem + ".md", "w") as f:
         f.write(table)
     _plot(bench.points, stem + ".png", f"{data}: {N} keys, d={d}, {threads} thread(s)")
+    _plot_serving(result["serving"], stem + "-serving.png", f"{data}: serving modes at match rate ≥ {SERVING_LEVEL}")
     print(table, flush=True)
     return result
+
+
+def _hnsw(bench, name, keys, transform, metric, threads):
+    """faiss HNSW32 over ``keys`` (queries mapped by ``transform``), efSearch 16 … 1024."""
+    af.set_num_threads(2)
+    t = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(keys.shape[1], 32, metric)
+    hnsw.hnsw.efConstruction = 80
+    hnsw.add(keys)
+    built = time.perf_counter() - t
+    af.set_num_threads(threads)
+    for ef in tqdm((16, 32, 64, 128, 256, 512, 1024), desc=f"{name} sweep", leave=False):
+        params = faiss.SearchParametersHNSW(efSearch=ef)
+        bench.measure(name, f"efSearch={ef}", lambda x, params=params: hnsw.search(transform(x), 10, params=params),
+                      build_seconds=built, memory_bytes=memory_bytes(hnsw))
 
 
 def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit):
@@ -222,66 +287,110 @@ def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit
                       memory_bytes=wrapped_bytes)
 
 
-def _optional_peers(bench, keys, test, threads, quick):
-    """hnswlib and ScaNN, when installed (extra 'bench')."""
+def _optional_peers(bench, keys, threads):
+    """hnswlib (inner-product space) and ScaNN, when installed (extra 'bench')."""
     try:
         import hnswlib
     except ImportError:
-        print("  hnswlib not installed: skipped")
+        bench.missing["hnswlib"] = "not installed (pip install hnswlib)"
     else:
-        hl_keys, hl_test = mips_to_l2(keys, test)
-        g = hnswlib.Index(space="l2", dim=hl_keys.shape[1])
+        g = hnswlib.Index(space="ip", dim=keys.shape[1])
         g.init_index(len(keys), M=32, ef_construction=80)
         g.set_num_threads(2)
         t = time.perf_counter()
-        g.add_items(hl_keys)
+        g.add_items(keys)
         built = time.perf_counter() - t
         g.set_num_threads(threads)
-        def search(x):
-            labels, dist = g.knn_query(hl_test, 10)
-            return -dist, labels.astype(np.int64)
-        for ef in (16, 32, 64, 128, 256, 512):
-            g.set_ef(ef)
-            bench.measure("hnswlib M32 (MIPS→L2)", f"ef={ef}", search, build_seconds=built)
+        for ef in (16, 32, 64, 128, 256, 512, 1024):
+            def search(x, ef=ef):
+                g.set_ef(ef)
+                labels, dist = g.knn_query(x, 10)
+                return 1 - dist, labels.astype(np.int64)
+            bench.measure("hnswlib M32 (IP)", f"ef={ef}", search, build_seconds=built)
     try:
         import scann
     except ImportError:
-        print("  scann not installed: skipped")
+        bench.missing["ScaNN"] = "not installed (pip install scann; Linux x86-64 only)"
         return
     t = time.perf_counter()
     n_leaves = int(math.sqrt(len(keys)))
     searcher = (scann.scann_ops_pybind.builder(keys, 10, "dot_product")
                 .tree(num_leaves=n_leaves, num_leaves_to_search=10, training_sample_size=min(len(keys), 100_000))
-                .score_ah(2, anisotropic_quantization_threshold=0.2).reorder(100).build())
+                .score_ah(2, anisotropic_quantization_threshold=0.2).reorder(300).build())
     built = time.perf_counter() - t
-    for leaves in (2, 5, 10, 20, 40, 80, 160):
+    for leaves in (1, 2, 5, 10, 20, 40, 80, 160, 320):
         if leaves > n_leaves:
             break
-        def search(x, leaves=leaves):
-            I, D = searcher.search_batched(x, leaves_to_search=leaves, pre_reorder_num_neighbors=100)
-            return D, I.astype(np.int64)
-        bench.measure("ScaNN (tree+AH+reorder)", f"leaves={leaves}", search, build_seconds=built)
+        for reorder in (50, 100, 300):
+            def search(x, leaves=leaves, reorder=reorder):
+                I, D = searcher.search_batched(x, leaves_to_search=leaves, pre_reorder_num_neighbors=reorder)
+                return D, I.astype(np.int64)
+            bench.measure("ScaNN (tree+AH+reorder)", f"leaves={leaves} reorder={reorder}", search,
+                          build_seconds=built)
 
 
-def summary_table(points: list[dict], hnsw_name: str) -> str:
-    """Markdown: best QPS per method at match rate >= each level, with ratios to IVF and HNSW."""
+def best_qps(points: list[dict], prefix: str, level: float) -> float | None:
+    """The best QPS at match rate >= level among methods whose name starts with ``prefix``."""
+    return max((p["qps"] for p in points if p["method"].startswith(prefix) and p["match_rate"] >= level),
+               default=None)
+
+
+def summary_table(points: list[dict], missing: dict | None = None) -> str:
+    """Markdown: best QPS per method at match rate >= each level, with ratios to exact search (the
+    best of its two ways), faiss IVFFlat, faiss HNSW32 (inner product) and the best peer; a method
+    that never reaches a level says how close it came."""
     methods = list(dict.fromkeys(p["method"] for p in points))
-    best = {m: {lv: max((p["qps"] for p in points if p["method"] == m and p["match_rate"] >= lv), default=None)
-                for lv in LEVELS} for m in methods}
-    lines = ["| method | " + " | ".join(f"QPS @ ≥{lv:.2f} (×IVF, ×HNSW, ×exact)" for lv in LEVELS) + " |",
-             "|---|" + "---|" * len(LEVELS)]
+    refs = {"exact": "exact", "IVF": "faiss IVFFlat", "HNSW": "faiss HNSW32"}
+    lines = ["| method | " + " | ".join(f"QPS @ ≥{lv:.2f} (×exact, ×IVF, ×HNSW, ×best peer)" for lv in LEVELS)
+             + " |", "|---|" + "---|" * len(LEVELS)]
     for m in methods:
         cells = []
         for lv in LEVELS:
-            q = best[m][lv]
+            q = max((p["qps"] for p in points if p["method"] == m and p["match_rate"] >= lv), default=None)
             if q is None:
-                cells.append("—")
+                top = max(p["match_rate"] for p in points if p["method"] == m)
+                cells.append(f"never (best {top:.3f})")
                 continue
-            ratios = [f"{q / best[ref][lv]:.2f}" if best.get(ref, {}).get(lv) else "—"
-                      for ref in ("faiss IVFFlat", hnsw_name, "exact")]
+            peer = max((best_qps(points, prefix, lv) or 0 for prefix in PEERS), default=0)
+            ratios = [f"{q / r:.2f}" if r else "—" for r in
+                      [best_qps(points, prefix, lv) for prefix in refs.values()] + [peer]]
             cells.append(f"{q:,.0f} ({', '.join(ratios)})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for peer, why in (missing or {}).items():
+        lines.append(f"| {peer} | " + " | ".join([why] * len(LEVELS)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def serving_table(rows: list[dict]) -> str:
+    """Markdown: latency per call (p50 / p99) at batch 1 and 16, QPS on 1 and 2 threads."""
+    lines = [f"| method (setting at match ≥ {SERVING_LEVEL}) | batch 1: µs p50 / p99 | batch 16: µs per call p50 / p99 "
+             "| QPS 1 thread | QPS 2 threads (×) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} ({r['setting']}) | {r['batch1_p50_us']:,.0f} / {r['batch1_p99_us']:,.0f} | "
+                     f"{r['batch16_p50_us']:,.0f} / {r['batch16_p99_us']:,.0f} | {r['qps_1_thread']:,.0f} | "
+                     f"{r['qps_2_threads']:,.0f} ({r['qps_2_threads'] / r['qps_1_thread']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_serving(rows: list[dict], path: str, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.45 * len(rows) + 2), sharey=True)
+    names = [r["method"] for r in rows]
+    for ax, key, label in ((axes[0], "batch1_p50_us", "batch 1: p50 µs per query"),
+                           (axes[1], "batch16_p50_us", "batch 16: p50 µs per call"),
+                           (axes[2], "qps_2_threads", "QPS, 2 threads")):
+        ax.barh(names, [r[key] for r in rows])
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _plot(points, path, title):

@@ -421,6 +421,22 @@ def test_a_user_built_router_is_used_as_given_and_can_be_calibrated(synthetic, t
         af.IndexAMIPS(D, 8, router=_FirstListRouter(base.router, 0))
 
 
+def test_a_big_batch_split_across_threads_gives_the_one_thread_answer(synthetic, trained):
+    index = trained("supportnet", synthetic)
+    q = synthetic["test"]
+    af.set_num_threads(1)
+    try:
+        D1, I1 = index.search(q, 5)
+        lists1 = index.stats.mean_lists_probed
+        af.set_num_threads(2)
+        D2, I2 = index.search(q, 5)
+    finally:
+        af.set_num_threads(2)
+    assert np.mean(I1 == I2) > 0.999  # ids may differ only between keys of equal score
+    np.testing.assert_allclose(D1, D2, rtol=1e-5)  # the chunks' BLAS calls round alike, not identically
+    assert index.stats.mean_lists_probed == pytest.approx(lists1) and index.stats.n_queries == len(q)
+
+
 def test_set_num_threads():
     af.set_num_threads(1)
     assert faiss.omp_get_max_threads() == 1

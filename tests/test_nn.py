@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +122,19 @@ def test_linear_supportnet_is_the_centroid_router_at_init():
     bias = 2.0 * F.softplus(net.out_bias_raw) * q.norm(dim=1, keepdim=True)
     assert torch.allclose(net(q), q @ centroids.T + bias, atol=1e-5)
     assert math.isclose(float(F.softplus(net.out_bias_raw.detach())[0]), 1e-3, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("depth, rank", [(0, None), (2, None), (3, 4)])
+def test_frozen_supportnet_computes_the_same_f_in_numpy(depth, rank):
+    torch.manual_seed(0)
+    net = SupportNet(16, 7, width=24, depth=depth, linear_rank=rank, scale=3.0)
+    if depth:
+        _scramble_raw_parameters(net)
+    q = torch.randn(50, 16) * torch.rand(50, 1) * 10
+    q[0] = 0
+    with torch.no_grad():
+        expect = net(q).numpy()
+    got = net.frozen()(q.numpy())
+    assert got.dtype == expect.dtype and got.shape == expect.shape
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+    assert (got[0] == 0).all()

@@ -5,7 +5,7 @@ import pytest
 from amips_faiss.scan import (EMPTY_SCORE, FlatListViews, scan_blas_by_list, scan_blas_dense, scan_faiss,
                               scan_plan)
 
-from .conftest import D
+from .conftest import D, NLIST
 
 
 @pytest.mark.parametrize("k", [1, 10, 500])
@@ -53,12 +53,15 @@ def test_blas_scan_is_refused_for_compressed_lists_and_unknown_methods(synthetic
         scan_plan(faiss.extract_index_ivf(pq), synthetic["test"][:3], 1, lists, None, None, "simd")
 
 
-def test_flat_list_views_are_the_lists_memory_and_are_released(synthetic, trained):
+def test_flat_list_views_load_only_the_planned_lists_and_are_released(synthetic, trained):
     index = trained("centroid", synthetic)
     views = FlatListViews(index.ivf)
-    keys, ids = views()
-    assert views() is views()  # made once per search
-    biggest = int(np.argmax([0 if i is None else len(i) for i in ids]))
+    sizes = [index.ivf.invlists.list_size(i) for i in range(NLIST)]
+    biggest = int(np.argmax(sizes))
+    keys, ids = views(np.array([[biggest, -1]]))
+    assert sum(k is not None for k in keys) == 1  # only what the plan touches
     np.testing.assert_array_equal(keys[biggest], synthetic["keys"][ids[biggest]])  # ids are the key rows
+    keys, _ = views(np.array([[biggest, 0]]))
+    assert sum(k is not None for k in keys) == 1 + (sizes[0] > 0) and len(views._pointers) == 1 + (sizes[0] > 0)
     views.release()
-    assert views._views is None and views._pointers == []
+    assert views._pointers == [] and all(k is None for k in views(np.zeros((1, 0), np.int64))[0])
