@@ -61,8 +61,9 @@ def allowed(ids: np.ndarray, sel) -> np.ndarray:
 
 class ListFilter:
     """What a selector allows in each list of ``ivf``: ``counts [nlist]`` allowed keys per list,
-    ``n_allowed`` in all, ``selector`` for faiss, and ``views(flat_views)``: the lists' views cut
-    down to the allowed keys (copies; None for a list with none), for the BLAS scans."""
+    ``n_allowed`` in all and their ``allowed_ids``, ``selector`` for faiss, and
+    ``views(flat_views)``: the lists' views cut down to the allowed keys (copies; None for a list
+    with none), for the BLAS scans."""
 
     def __init__(self, ivf, sel):
         self.selector = faiss_selector(sel)
@@ -75,6 +76,7 @@ class ListFilter:
             self._masks[i] = m
         self.counts = np.array([0 if m is None else int(m.sum()) for m in self._masks], np.int64)
         self.n_allowed = int(self.counts.sum())
+        self.allowed_ids = np.concatenate(ids)[mask] if ids else np.zeros(0, np.int64)  # in list order
 
     def views(self, flat_views) -> "_FilteredViews":
         return _FilteredViews(self, flat_views)

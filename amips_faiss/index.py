@@ -26,7 +26,7 @@ from .locking import ReadWriteLock
 from .nn import model_from_config
 from .parameters import REQUIRED, SETTINGS, SearchParametersAMIPS, SearchStats
 from .routing import LEARNED_ROUTERS, ROUTERS, Router, make_router
-from .scan import scan_plan
+from .scan import is_flat, scan_plan
 from .training import TrainConfig
 from .validation import check_fraction, check_ids, check_positive_int, check_vectors
 
@@ -387,6 +387,10 @@ class IndexAMIPS:
         """
         xq = check_vectors(xq, "xq", d=self.d, allow_empty=True)
         k = check_positive_int(k, "k")
+        if getattr(params, "sel", None) is not None and is_flat(self._ivf) and \
+                self._ivf.direct_map.type == faiss.DirectMap.NoMap:
+            with self._lock.writing():  # a selective filter gathers its keys by id
+                self._ensure_direct_map()
         with self._lock.reading():
             if not self.is_trained:
                 raise RuntimeError("search before train: call index.train(keys, queries) and index.add(keys)")

@@ -25,14 +25,14 @@ import threadpoolctl
 from . import confidence
 from .filtering import ListFilter
 from .parameters import SearchParametersAMIPS, SearchStats
-from .routing import Router
+from .routing import Router, top_lists
 from .scan import EMPTY_SCORE, FlatListViews, is_flat, scan_plan
 
-# A filter leaving at most this many average lists' worth of keys is brute-forced. Measured on Debian
-# (benchmarks/hybrid.py, one thread, target 0.95): scanning the allowed keys beat routed rounds at
-# 1,491 keys (24 lists' worth: 15.5k vs 13.9k QPS), tied at 2,982 (49: 10.0k vs 10.9k), lost at
-# 5,965 (98: 6.3k vs 16.1k); a correlated filter (section = games, 1,104 keys) favours it most.
-BRUTE_FORCE_LISTS = 48
+# A filter leaving at most this many average lists' worth of keys is brute-forced (gathered, one BLAS
+# product). Measured on Debian (benchmarks/hybrid.py, one thread, 5,000 queries, target 0.95), that
+# gather + BLAS against routed rounds: 2,982 keys (49 lists' worth) 20.1k vs 15.1k QPS; 5,965 (98)
+# 10.1k vs 17.7k; 6,099 (section = libs) 9.9k vs 13.4k.
+BRUTE_FORCE_LISTS = 64
 PARALLEL_MIN_QUERIES = 256  # a batch is split across threads only into chunks at least this big
 
 
@@ -87,12 +87,10 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
         return (lists >= 0).sum(axis=1)
 
     if listed and is_flat(ivf) and listed.n_allowed <= BRUTE_FORCE_LISTS * ivf.ntotal / nlist:
-        try:  # a selective filter: scan its allowed keys directly, every query, exactly
-            allowed_lists = listed.allowed_lists()
-            probed = scan(np.arange(n), np.broadcast_to(allowed_lists, (n, len(allowed_lists))), None)
-        finally:
-            views.release()
-        return D, I, SearchStats(n, float(probed.mean()) if n else 0.0, 1, 0.0, 0.0,
+        # a selective filter: its allowed keys, gathered once (direct map), against every query by BLAS
+        allowed_D, allowed_I = brute_force(xq, k, ivf.reconstruct_batch(listed.allowed_ids), listed.allowed_ids)
+        merge_into(D, I, np.arange(n), allowed_D, allowed_I)
+        return D, I, SearchStats(n, float(np.count_nonzero(listed.counts)), 1, 0.0, 0.0,
                                  time.perf_counter() - start_time, brute_force=True)
     try:
         router_seconds = -time.perf_counter()
@@ -165,6 +163,19 @@ def calibrate(ivf, router: Router, queries: np.ndarray, cluster_values: np.ndarr
     blends = confidence.BLENDS if p.blend is None else (p.blend,)
     return confidence.calibrate_margin(scores, lists, cluster_values, np.linalg.norm(queries, axis=1), ends,
                                        hits, cost, target_recall, blends)
+
+
+def brute_force(xq: np.ndarray, k: int, keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``xq [n, d]`` over ``keys [m, d]`` with ids ``[m]``, by BLAS in blocks of
+    queries: ``D [n, k] float32`` descending, ``I [n, k] int64``, −FLT_MAX / −1 padded."""
+    n, m = len(xq), len(keys)
+    D = np.full((n, k), EMPTY_SCORE, np.float32)
+    I = np.full((n, k), -1, np.int64)
+    kk, step = min(k, m), max(1, (1 << 22) // max(1, m))
+    for lo in range(0, n if m else 0, step):
+        D[lo:lo + step, :kk], cols = top_lists(xq[lo:lo + step] @ keys.T, kk)
+        I[lo:lo + step, :kk] = ids[cols]
+    return D, I
 
 
 def merge_into(D: np.ndarray, I: np.ndarray, rows: np.ndarray, D_new: np.ndarray, I_new: np.ndarray) -> None:

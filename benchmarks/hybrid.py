@@ -171,7 +171,7 @@ def fusion(searcher: HybridSearcher, keys: np.ndarray, queries: np.ndarray, gold
     return [{"method": name, **rank_metrics(I, gold[test_rows])} for name, I in rows]
 
 
-def run(quick: bool, threads: int, out: str, seed: int = 0) -> dict:
+def run(quick: bool, threads: int, out: str, seed: int = 0, fusion_too: bool = True) -> dict:
     af.set_num_threads(2)
     path = default_debian_path()
     keys, queries = load_folder(path)
@@ -191,8 +191,8 @@ def run(quick: bool, threads: int, out: str, seed: int = 0) -> dict:
         allowed_ids = {k: v for k, v in allowed_ids.items() if k in ("random 10%", "section = games")}
     points = filtered_search(index, keys, queries[test_rows], allowed_ids, threads, repeats=3)
     tune_rows = np.random.default_rng(seed).choice(train_rows, min(2000, len(train_rows)), replace=False)
-    searcher = HybridSearcher(index, [d["description"] for d in docs])
-    fused = fusion(searcher, keys, queries, gold, [d["title"] for d in docs], tune_rows, test_rows)
+    fused = fusion(HybridSearcher(index, [d["description"] for d in docs]), keys, queries, gold,
+                   [d["title"] for d in docs], tune_rows, test_rows) if fusion_too else []
     table = filter_table(points)
     fusion_md = "| method | recall@10 | MRR@10 |\n|---|---|---|\n" + "".join(
         f"| {r['method']} | {r['recall@10']:.3f} | {r['mrr@10']:.3f} |\n" for r in fused)
@@ -212,9 +212,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1,000 test titles, short training, two filters")
     ap.add_argument("--threads", type=int, default=1, help="threads for the timed searches (default 1)")
+    ap.add_argument("--skip-fusion", action="store_true", help="filtered search only")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
-    run(args.quick, args.threads, args.out)
+    run(args.quick, args.threads, args.out, fusion_too=not args.skip_fusion)
 
 
 if __name__ == "__main__":
