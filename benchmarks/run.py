@@ -79,11 +79,14 @@ class Bench:
             for size, name in ((1, "batch1"), (batch, f"batch{batch}")):
                 calls = [self.test[lo:lo + size] for lo in range(0, min(len(self.test), n_single * size), size)]
                 search(calls[0])  # warm: first-call costs (calibration cache, lazy maps) are not latency
-                times = []
+                times, top = [], []
                 for x in calls:
                     t = time.perf_counter()
-                    search(x)
+                    top.append(search(x)[1][:, 0])
                     times.append(time.perf_counter() - t)
+                served = np.concatenate(top)  # the same setting must give the batch run's answers
+                row[f"{name}_match_rate"] = match_rate(found_scores(self.keys, self.test[:len(served)], served),
+                                                       self.exact[:len(served)])
                 row[f"{name}_p50_us"] = float(np.median(times) * 1e6)
                 row[f"{name}_p99_us"] = float(np.percentile(times, 99) * 1e6)
             af.set_num_threads(2)
@@ -193,8 +196,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     ivf_bytes = memory_bytes(ivf)
     sweep = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist]
     for p in tqdm(sweep, desc="IVF sweep", leave=False):
-        ivf.nprobe = p
-        bench.measure("faiss IVFFlat", f"nprobe={p}", lambda x: ivf.search(x, 10), lists=p,
+        bench.measure("faiss IVFFlat", f"nprobe={p}",  # every search binds its own settings: serving reruns it
+                      lambda x, p=p: ivf.search(x, 10, params=faiss.SearchParametersIVF(nprobe=p)), lists=p,
                       memory_bytes=ivf_bytes)
 
     _hnsw(bench, "faiss HNSW32", keys, lambda x: x, faiss.METRIC_INNER_PRODUCT, threads)
@@ -207,7 +210,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
         index_bytes = memory_bytes(index)
         for p in [p for p in sweep if p <= 64]:
             params = af.SearchParametersAMIPS(nprobe=p, margin=math.inf)
-            point = bench.measure(f"AMIPS {router}", f"nprobe={p}", lambda x: index.search(x, 10, params=params),
+            point = bench.measure(f"AMIPS {router}", f"nprobe={p}",
+                                  lambda x, index=index, params=params: index.search(x, 10, params=params),
                                   lists=p, build_seconds=build[router], memory_bytes=index_bytes)
             point["router_us"] = index.stats.router_seconds_per_query * 1e6
         for target in (0.9, 0.95, 0.99, 0.995):
@@ -215,7 +219,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
                 params = af.SearchParametersAMIPS(nprobe=nprobe, target_recall=target, fallback="exact",
                                                   max_nprobe=max(nprobe, nlist // 4))
                 point = bench.measure(f"AMIPS {router} +confidence", f"target={target} nprobe={nprobe}",
-                                      lambda x: index.search(x, 10, params=params), build_seconds=build[router],
+                                      lambda x, index=index, params=params: index.search(x, 10, params=params),
+                                      build_seconds=build[router],
                                       memory_bytes=index_bytes)
                 point.update(lists=index.stats.mean_lists_probed, fallback_share=index.stats.fallback_share,
                              router_us=index.stats.router_seconds_per_query * 1e6, target=target)
@@ -275,15 +280,15 @@ def _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit
     wrapped.train(queries=train_q, steps=steps, time_limit=time_limit, seed=seed)
     train_seconds = time.perf_counter() - t - pq_build
     af.set_num_threads(threads)
-    ivf = faiss.extract_index_ivf(pq)
     pq_bytes, wrapped_bytes = memory_bytes(pq), memory_bytes(wrapped)
     for p in (1, 2, 4, 8, 16, 32, 64, 128):
-        ivf.nprobe = p
-        bench.measure(f"faiss IVF{nlist},PQ{d // 2}x4fs", f"nprobe={p}", lambda x: pq.search(x, 10), lists=p,
+        bench.measure(f"faiss IVF{nlist},PQ{d // 2}x4fs", f"nprobe={p}",
+                      lambda x, p=p: pq.search(x, 10, params=faiss.SearchParametersIVF(nprobe=p)), lists=p,
                       build_seconds=pq_build, memory_bytes=pq_bytes)
         params = af.SearchParametersAMIPS(nprobe=p, margin=math.inf)
         bench.measure("AMIPS supportnet over IVFPQ-fs (from_ivf)", f"nprobe={p}",
-                      lambda x: wrapped.search(x, 10, params=params), lists=p, build_seconds=pq_build + train_seconds,
+                      lambda x, params=params: wrapped.search(x, 10, params=params), lists=p,
+                      build_seconds=pq_build + train_seconds,
                       memory_bytes=wrapped_bytes)
 
 
