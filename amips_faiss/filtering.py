@@ -85,10 +85,6 @@ class ListFilter:
         """The probe plan ``lists [n, p]`` with the lists holding no allowed key set to −1."""
         return np.where((lists >= 0) & (self.counts[lists.clip(0)] > 0), lists, -1)
 
-    def allowed_lists(self) -> np.ndarray:
-        """The lists holding at least one allowed key ``[m] int64``."""
-        return np.flatnonzero(self.counts)
-
 
 class _FilteredViews:
     """Called like ``scan.FlatListViews``: ``(keys, ids)`` of the plan's lists, only the allowed rows

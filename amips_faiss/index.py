@@ -331,9 +331,7 @@ class IndexAMIPS:
     def reconstruct_batch(self, ids) -> np.ndarray:
         """The stored vectors ``[m, d] float32`` of ``ids [m]``; KeyError names an id not stored."""
         ids = check_ids(ids, name="id")
-        if self._ivf.direct_map.type == faiss.DirectMap.NoMap:
-            with self._lock.writing():
-                self._ensure_direct_map()
+        self._direct_map_ready()
         out = np.empty((len(ids), self.d), np.float32)
         with self._lock.reading():
             buffered = np.isin(ids, faiss.vector_to_array(self._buffer.id_map)) if self._buffer.ntotal else \
@@ -354,6 +352,12 @@ class IndexAMIPS:
             return True
         except RuntimeError:
             return False
+
+    def _direct_map_ready(self) -> None:
+        """Give the lists an id → position map (once, alone), for reading keys by id."""
+        if self._ivf.direct_map.type == faiss.DirectMap.NoMap:
+            with self._lock.writing():
+                self._ensure_direct_map()
 
     def _ensure_direct_map(self) -> None:
         if self._ivf.direct_map.type == faiss.DirectMap.NoMap:
@@ -387,10 +391,8 @@ class IndexAMIPS:
         """
         xq = check_vectors(xq, "xq", d=self.d, allow_empty=True)
         k = check_positive_int(k, "k")
-        if getattr(params, "sel", None) is not None and is_flat(self._ivf) and \
-                self._ivf.direct_map.type == faiss.DirectMap.NoMap:
-            with self._lock.writing():  # a selective filter gathers its keys by id
-                self._ensure_direct_map()
+        if getattr(params, "sel", None) is not None and is_flat(self._ivf):
+            self._direct_map_ready()  # a selective filter gathers its keys by id
         with self._lock.reading():
             if not self.is_trained:
                 raise RuntimeError("search before train: call index.train(keys, queries) and index.add(keys)")

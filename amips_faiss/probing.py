@@ -75,6 +75,12 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     if buffer.ntotal:  # keys the router has not seen: scanned exactly for every query
         params = faiss.SearchParameters(sel=listed.selector) if listed else None
         merge_into(D, I, np.arange(n), *buffer.search(xq, k, params=params))
+    if listed and is_flat(ivf) and listed.n_allowed <= BRUTE_FORCE_LISTS * ivf.ntotal / nlist:
+        # a selective filter: its allowed keys, gathered once (direct map), against every query by BLAS
+        allowed_D, allowed_I = brute_force(xq, k, ivf.reconstruct_batch(listed.allowed_ids), listed.allowed_ids)
+        merge_into(D, I, np.arange(n), allowed_D, allowed_I)
+        return D, I, SearchStats(n, float(np.count_nonzero(listed.counts)), 1, 0.0, 0.0,
+                                 time.perf_counter() - start_time, brute_force=True)
     ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) if p.margin < math.inf else [p.nprobe]
     views = FlatListViews(ivf)  # made once if a round scans flat lists by BLAS
     scan_views = listed.views(views) if listed else views
@@ -86,12 +92,6 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
                                           listed.selector if listed else None))
         return (lists >= 0).sum(axis=1)
 
-    if listed and is_flat(ivf) and listed.n_allowed <= BRUTE_FORCE_LISTS * ivf.ntotal / nlist:
-        # a selective filter: its allowed keys, gathered once (direct map), against every query by BLAS
-        allowed_D, allowed_I = brute_force(xq, k, ivf.reconstruct_batch(listed.allowed_ids), listed.allowed_ids)
-        merge_into(D, I, np.arange(n), allowed_D, allowed_I)
-        return D, I, SearchStats(n, float(np.count_nonzero(listed.counts)), 1, 0.0, 0.0,
-                                 time.perf_counter() - start_time, brute_force=True)
     try:
         router_seconds = -time.perf_counter()
         rank = router.ranker(xq)  # scores the batch once; each round ranks its active rows

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 import amips_faiss as af
 from amips_faiss.data import load_dataset
 from amips_faiss.metrics import found_scores, match_rate, recall_at_k
+from amips_faiss.probing import brute_force
 from amips_faiss.routing import Router
 from amips_faiss.targets import split_queries, support_values
 
@@ -98,20 +99,10 @@ class Bench:
         return rows
 
 
-def blas_exact(keys: np.ndarray, k: int, block: int = 2048):
-    """Exact top-k by a plain BLAS product and a partial sort, in blocks of queries."""
-    def search(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        D = np.empty((len(x), k), np.float32)
-        I = np.empty((len(x), k), np.int64)
-        for lo in range(0, len(x), block):
-            scores = x[lo:lo + block] @ keys.T
-            top = np.argpartition(scores, len(keys) - k, axis=1)[:, len(keys) - k:]
-            top_scores = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-top_scores, axis=1)
-            D[lo:lo + block] = np.take_along_axis(top_scores, order, axis=1)
-            I[lo:lo + block] = np.take_along_axis(top, order, axis=1)
-        return D, I
-    return search
+def blas_exact(keys: np.ndarray, k: int):
+    """Exact top-k by a plain BLAS product and a partial sort (``probing.brute_force``)."""
+    ids = np.arange(len(keys), dtype=np.int64)
+    return lambda x: brute_force(x, k, keys, ids)
 
 
 def memory_bytes(index) -> int:
