@@ -101,6 +101,25 @@ class Calibration:
     recall: float
 
 
+def replay(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np.ndarray, q_norm: np.ndarray,
+           ends: list[int], fallback_hits: np.ndarray, blend: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The probe rounds of queries whose exact per-list values are known: each round's gap
+    ``[n, R]``, whether the argmax list was probed by then ``[n, R] bool``, and whether the search is
+    right after the fallback ``[n] bool`` (arguments as in ``calibrate_margin``)."""
+    n = len(route_scores)
+    best = cluster_values.argmax(axis=1)
+    true_in_order = np.take_along_axis(cluster_values, route_lists.clip(0), axis=1)
+    true_in_order[route_lists < 0] = -np.inf
+    found = np.maximum.accumulate(true_in_order, axis=1)
+    hit = route_lists == best[:, None]
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), cluster_values.shape[1])
+    padded = np.hstack([route_scores, np.full((n, 1), -np.inf, np.float32)])
+    round_correct = np.stack([rank < e for e in ends], axis=1)
+    round_gaps = np.stack([gaps(padded[:, e], found[:, e - 1], q_norm, route_scores[:, 0], blend) for e in ends],
+                          axis=1)
+    return round_gaps, round_correct, round_correct[:, -1] | fallback_hits
+
+
 def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np.ndarray,
                      q_norm: np.ndarray, ends: list[int], fallback_hits: np.ndarray, fallback_lists: int,
                      target_recall: float, blends: tuple[float, ...] = BLENDS) -> Calibration:
@@ -112,20 +131,10 @@ def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_
     ``q_norm [n]``; ``ends``: the probe schedule; ``fallback_hits [n] bool``: whether the fallback's
     lists hold the argmax list; ``fallback_lists``: what the fallback scans, for the cost.
     """
-    n = len(route_scores)
-    best = cluster_values.argmax(axis=1)
-    true_in_order = np.take_along_axis(cluster_values, route_lists.clip(0), axis=1)
-    true_in_order[route_lists < 0] = -np.inf
-    found = np.maximum.accumulate(true_in_order, axis=1)
-    hit = route_lists == best[:, None]
-    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), cluster_values.shape[1])
-    padded = np.hstack([route_scores, np.full((n, 1), -np.inf, np.float32)])
-    round_correct = np.stack([rank < e for e in ends], axis=1)
-    fallback_correct = round_correct[:, -1] | fallback_hits
     chosen = None  # (preference, result): reach the target, then fewest lists (or best recall)
     for blend in blends:
-        round_gaps = np.stack([gaps(padded[:, e], found[:, e - 1], q_norm, route_scores[:, 0], blend)
-                               for e in ends], axis=1)
+        round_gaps, round_correct, fallback_correct = replay(route_scores, route_lists, cluster_values, q_norm,
+                                                             ends, fallback_hits, blend)
         tau, recall = margin_for_recall(critical_margins(round_gaps, round_correct, fallback_correct),
                                         target_recall)
         cost = mean_lists(round_gaps, tau, ends, fallback_lists)

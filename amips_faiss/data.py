@@ -24,15 +24,19 @@ def make_clustered(n_keys: int = 20_000, n_queries: int = 5_000, d: int = 32,
 
     def sample(n: int, spread: float, weights: np.ndarray) -> np.ndarray:
         c = rng.choice(n_clusters, size=n, p=weights)
-        x = centres[c] + spread * scales[c] * rng.standard_normal((n, d)) / np.sqrt(d)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.empty((n, d), np.float32)
+        for lo in range(0, n, 1 << 16):  # in blocks: a million keys need no float64 [n, d] temporaries
+            part = c[lo:lo + (1 << 16)]
+            block = centres[part] + spread * scales[part] * rng.standard_normal((len(part), d)) / np.sqrt(d)
+            x[lo:lo + len(part)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        return x
 
     keys = sample(n_keys, 0.6, np.full(n_clusters, 1.0 / n_clusters))
-    keys *= np.exp(rng.uniform(0.0, np.log(norm_ratio), n_keys))[:, None]
+    keys *= np.exp(rng.uniform(0.0, np.log(norm_ratio), n_keys)).astype(np.float32)[:, None]
     query_weights = rng.dirichlet(np.full(n_clusters, 0.5))
     queries = sample(n_queries, 0.8, query_weights)
-    queries *= np.exp(rng.uniform(-1.0, 1.0, n_queries))[:, None]
-    return keys.astype(np.float32), queries.astype(np.float32)
+    queries *= np.exp(rng.uniform(-1.0, 1.0, n_queries)).astype(np.float32)[:, None]
+    return keys, queries
 
 
 def load_glove(n_keys: int = 300_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -72,7 +72,8 @@ class _Shard:
         write_index(self.index, path)
 
     def info(self) -> dict:
-        return {"ntotal": self.index.ntotal, "version": self.version, "is_trained": self.index.is_trained}
+        return {"ntotal": self.index.ntotal, "version": self.version, "is_trained": self.index.is_trained,
+                "train_seconds": self.index.train_summary.get("phase_seconds")}
 
 
 _RemoteShard = ray.remote(_Shard)
@@ -197,7 +198,7 @@ class ShardedIndexAMIPS:
         return all(info["is_trained"] for info in self.shard_info())
 
     def shard_info(self) -> list[dict]:
-        """Per shard: keys held, version, whether trained."""
+        """Per shard: keys held, version, whether trained, training seconds by phase."""
         actors = self._live()
         return self._gather([a.info.remote() for a in actors], "shard_info")
 

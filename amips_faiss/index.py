@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import warnings
 from dataclasses import fields, replace
 
@@ -18,6 +19,7 @@ import faiss
 import numpy as np
 import threadpoolctl
 import torch
+from tqdm.auto import tqdm
 
 from . import keystore, probing
 from .confidence import Calibration
@@ -31,6 +33,8 @@ from .training import TrainConfig
 from .validation import check_fraction, check_ids, check_positive_int, check_vectors
 
 CUSTOM = "custom"  # router_name of an index given a user-built Router
+ADD_BLOCK = 1 << 18  # keys added (and assigned to lists) at a time
+LOUD_KMEANS = 100_000  # k-means on this many keys or more prints faiss's per-iteration log (progress=True)
 
 
 def default_nlist(n_keys: int) -> int:
@@ -54,7 +58,8 @@ class IndexAMIPS:
     Routers: "centroid" (plain IVF), "linear" (learned linear per-list router), "supportnet"
     (multi-output SupportNet predicting each list's support value h_c(q)), "keynet" (KeyNet query
     projection), or a user-built ``routing.Router`` (``from_ivf`` only). ``width``, ``depth`` and
-    ``linear_rank`` size the router net.
+    ``linear_rank`` size the router net (``linear_rank`` None: ``fitting.default_linear_rank``, full up
+    to 1,024 lists; ``linear_rank=d`` keeps the full linear term).
 
     The search settings (``SearchParametersAMIPS``'s fields: ``nprobe``, ``max_nprobe``,
     ``target_recall``, ``margin``, ``fallback``, ``fallback_nprobe``, ``scan_method``, ``blend``) are
@@ -242,22 +247,30 @@ class IndexAMIPS:
         if self.router_name in LEARNED_ROUTERS and config.n_validation == 0:
             raise ValueError(f"the {self.router_name} router needs validation queries: n_validation >= 1")
 
+        seconds = {}
+        clock = time.perf_counter()
         with self._lock.writing():  # the lists, or a snapshot of the keys
             if xb is not None:
                 if not self._ivf.is_trained:
+                    self._ivf.cp.verbose = config.progress and len(xb) >= LOUD_KMEANS  # faiss's own k-means log
                     self._ivf.train(xb)
                     self._centroids = None
-                keys, assign = xb, self._ivf.quantizer.assign(xb, 1).reshape(-1)
+                keys, assign = xb, self._assign(xb, config.progress)
             else:
                 keys, assign = self._all_keys()
+        seconds["lists"] = time.perf_counter() - clock
         if queries is None:
             warnings.warn("train() got no queries: the router learns from perturbed key directions, a proxy "
                           "for real traffic; pass queries from your workload for a better router", stacklevel=2)
             queries = proxy_queries(keys, config.seed)
+        clock = time.perf_counter()
         data = build_training_set(keys, assign, self.nlist, queries, config,
                                   learned=self.router_name in LEARNED_ROUTERS)
+        seconds["targets"], clock = time.perf_counter() - clock, time.perf_counter()
         router, summary = (self._router, {}) if self.router_name == CUSTOM else fit_router(
             self.router_name, keys, data, self._ivf.quantizer, self.centroids(), self._router_size, config)
+        seconds["router"] = time.perf_counter() - clock
+        summary = {**summary, "phase_seconds": {name: round(s, 2) for name, s in seconds.items()}}
 
         with self._lock.writing():
             self._router, self._train_summary = router, summary
@@ -295,14 +308,19 @@ class IndexAMIPS:
             raise RuntimeError("add before train: call index.train(keys, queries) first")
         if not len(x):
             return
-        known = self._known(x)
-        if known.any():
-            self._ivf.add_with_ids(np.ascontiguousarray(x[known]), np.ascontiguousarray(ids[known]))
-        if not known.all():
-            self._buffer.add_with_ids(np.ascontiguousarray(x[~known]), np.ascontiguousarray(ids[~known]))
-            if self._buffer.ntotal > max(1000, 0.05 * self._ivf.ntotal):
-                warnings.warn(f"{self._buffer.ntotal} keys the router was not trained on are scanned exactly on "
-                              "every search; call index.refit(queries) to route them", stacklevel=3)
+        buffered = False
+        for lo in tqdm(range(0, len(x), ADD_BLOCK), desc="add", unit="block", leave=False,
+                       disable=len(x) <= ADD_BLOCK):  # in blocks: faiss's temporaries stay bounded
+            block, block_ids = x[lo:lo + ADD_BLOCK], ids[lo:lo + ADD_BLOCK]
+            known = self._known(block)
+            if known.any():
+                self._ivf.add_with_ids(np.ascontiguousarray(block[known]), np.ascontiguousarray(block_ids[known]))
+            if not known.all():
+                self._buffer.add_with_ids(np.ascontiguousarray(block[~known]), np.ascontiguousarray(block_ids[~known]))
+                buffered = True
+        if buffered and self._buffer.ntotal > max(1000, 0.05 * self._ivf.ntotal):
+            warnings.warn(f"{self._buffer.ntotal} keys the router was not trained on are scanned exactly on "
+                          "every search; call index.refit(queries) to route them", stacklevel=3)
 
     def _known(self, x: np.ndarray) -> np.ndarray:
         """Which rows of ``x`` the router may route: it saw them in training, or needs not have."""
@@ -362,6 +380,13 @@ class IndexAMIPS:
     def _ensure_direct_map(self) -> None:
         if self._ivf.direct_map.type == faiss.DirectMap.NoMap:
             self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+    def _assign(self, x: np.ndarray, progress: bool) -> np.ndarray:
+        """The list of each key ``[n] int64`` (nearest centroid), in blocks with a progress bar."""
+        blocks = range(0, len(x), ADD_BLOCK)
+        return np.concatenate([self._ivf.quantizer.assign(x[lo:lo + ADD_BLOCK], 1).reshape(-1)
+                               for lo in tqdm(blocks, desc="assign lists", unit="block", leave=False,
+                                              disable=not progress or len(blocks) < 2)] or [np.zeros(0, np.int64)])
 
     def _all_keys(self) -> tuple[np.ndarray, np.ndarray]:
         """Every stored key, lists then buffer, ``[ntotal, d] float32``, and its list ``[ntotal]``."""

@@ -7,14 +7,19 @@ import numpy as np
 from faiss.contrib.inspect_tools import get_invlist_sizes
 
 
-def row_fingerprints(x: np.ndarray) -> np.ndarray:
-    """64-bit FNV-1a hash of each row's float32 bytes: ``[n, d]`` → ``[n] uint64``."""
-    words = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    h = np.full(len(words), 0xCBF29CE484222325, np.uint64)
+def row_fingerprints(x: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """64-bit FNV-1a hash of each row's float32 bytes: ``[n, d]`` → ``[n] uint64`` (in blocks of
+    rows, so that millions of keys need no ``[n, d] uint64`` copy)."""
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(len(x), np.uint64)
     prime = np.uint64(0x100000001B3)
-    for j in range(words.shape[1]):
-        h = (h ^ words[:, j]) * prime
-    return h
+    for lo in range(0, len(x), block):
+        words = x[lo:lo + block].view(np.uint32).astype(np.uint64)
+        h = np.full(len(words), 0xCBF29CE484222325, np.uint64)
+        for j in range(words.shape[1]):
+            h = (h ^ words[:, j]) * prime
+        out[lo:lo + block] = h
+    return out
 
 
 def fingerprints(keys: np.ndarray) -> np.ndarray:

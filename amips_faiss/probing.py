@@ -34,28 +34,45 @@ from .scan import EMPTY_SCORE, FlatListViews, is_flat, scan_plan
 # 10.1k vs 17.7k; 6,099 (section = libs) 9.9k vs 13.4k.
 BRUTE_FORCE_LISTS = 64
 PARALLEL_MIN_QUERIES = 256  # a batch is split across threads only into chunks at least this big
+SCORE_BLOCK_BYTES = 64 << 20  # router scores held at once by one block of a big batch
 
 
 def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
                     centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """``search`` on up to ``n_threads`` chunks of a big batch at once, each thread with one BLAS
-    and one OpenMP thread (numpy, BLAS and faiss release the GIL while they work): the second core
-    works on other queries instead of splitting small per-list products. Small batches run as one."""
-    chunks = min(n_threads, len(xq) // PARALLEL_MIN_QUERIES)
-    if chunks < 2:
+    """``search`` on blocks of a batch: at most ``block_rows(nlist)`` queries at a time (the router's
+    ``[rows, nlist]`` scores stay within ``SCORE_BLOCK_BYTES``), and a big batch on up to
+    ``n_threads`` blocks at once, each thread with one BLAS and one OpenMP thread (numpy, BLAS and
+    faiss release the GIL while they work): the second core works on other queries instead of
+    splitting small per-list products. Small batches run as one."""
+    n = len(xq)
+    threads = max(1, min(n_threads, n // PARALLEL_MIN_QUERIES))
+    n_blocks = max(threads, -(-n // block_rows(ivf.nlist)))
+    if n_blocks < 2:
         return search(ivf, router, buffer, xq, k, p, centroids)
     start = time.perf_counter()
-    bounds = np.linspace(0, len(xq), chunks + 1).astype(int)
-    with threadpoolctl.threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
-            chunks, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
-        parts = list(pool.map(lambda lo, hi: search(ivf, router, buffer, xq[lo:hi], k, p, centroids),
-                              bounds[:-1], bounds[1:]))
-    weights = np.diff(bounds) / len(xq)
+    bounds = np.linspace(0, n, n_blocks + 1).astype(int)
+
+    def run(lo: int, hi: int):
+        return search(ivf, router, buffer, xq[lo:hi], k, p, centroids)
+
+    if threads > 1:
+        with threadpoolctl.threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
+                threads, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
+            parts = list(pool.map(run, bounds[:-1], bounds[1:]))
+    else:
+        parts = [run(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    weights = np.diff(bounds) / n
     mean = lambda field: float(sum(w * getattr(s, field) for w, (_, _, s) in zip(weights, parts)))  # noqa: E731
-    stats = SearchStats(len(xq), mean("mean_lists_probed"), max(s.rounds for _, _, s in parts),
+    stats = SearchStats(n, mean("mean_lists_probed"), max(s.rounds for _, _, s in parts),
                         mean("fallback_share"), mean("router_seconds_per_query"), time.perf_counter() - start,
                         any(s.brute_force for _, _, s in parts))
     return np.vstack([D for D, _, _ in parts]), np.vstack([I for _, I, _ in parts]), stats
+
+
+def block_rows(nlist: int) -> int:
+    """Queries searched at a time: as many as keep ``[rows, nlist]`` float32 scores within
+    ``SCORE_BLOCK_BYTES`` (at least 1,024)."""
+    return max(1024, SCORE_BLOCK_BYTES // (4 * nlist))
 
 
 def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,

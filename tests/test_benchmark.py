@@ -8,8 +8,8 @@ def test_quick_synthetic_benchmark_end_to_end(tmp_path):
     result = json.loads((tmp_path / "synthetic-quick.json").read_text())
     methods = {p["method"] for p in result["points"]}
     assert {"exact IndexFlatIP", "exact BLAS + partial sort", "faiss IVFFlat", "faiss HNSW32",
-            "faiss HNSW32 (MIPS→L2)", "AMIPS supportnet", "AMIPS supportnet +confidence",
-            "oracle router"} <= methods
+            "AMIPS supportnet", "AMIPS supportnet +confidence", "oracle router"} <= methods
+    assert "faiss HNSW32 (MIPS→L2)" in result["missing"]  # the slower extra row is left to the full run
     for exact in (p for p in result["points"] if p["method"].startswith("exact")):
         assert exact["match_rate"] == 1.0 and exact["recall@10"] == 1.0
     keys_bytes = result["n_keys"] * result["d"] * 4

@@ -437,6 +437,30 @@ def test_a_big_batch_split_across_threads_gives_the_one_thread_answer(synthetic,
     assert index.stats.mean_lists_probed == pytest.approx(lists1) and index.stats.n_queries == len(q)
 
 
+def test_big_batches_are_searched_in_blocks_and_big_adds_in_blocks(synthetic, trained, monkeypatch):
+    """Memory stays bounded: a batch is routed a block of rows at a time and keys are added a block at
+    a time; the answers and the lists are those of one whole call."""
+    index = trained("supportnet", synthetic)
+    q = synthetic["test"]
+    af.set_num_threads(1)
+    try:
+        D1, I1 = index.search(q, 5)
+        monkeypatch.setattr(probing, "SCORE_BLOCK_BYTES", 4 * NLIST * 100)  # → 1,024-row blocks
+        assert probing.block_rows(NLIST) == 1024 < len(q)
+        D2, I2 = index.search(q, 5)
+    finally:
+        af.set_num_threads(2)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_allclose(D1, D2, rtol=1e-6)
+    assert index.stats.n_queries == len(q)
+    monkeypatch.setattr("amips_faiss.index.ADD_BLOCK", 3000)
+    blocked = copy_of(index)
+    blocked.reset()
+    blocked.add(synthetic["keys"])
+    sizes = lambda ix: [ix.ivf.invlists.list_size(c) for c in range(NLIST)]  # noqa: E731
+    assert sizes(blocked) == sizes(index) and blocked.ntotal == index.ntotal and not blocked.buffer.ntotal
+
+
 def test_set_num_threads():
     af.set_num_threads(1)
     assert faiss.omp_get_max_threads() == 1

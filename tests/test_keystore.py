@@ -30,3 +30,10 @@ def test_keys_come_back_out_of_lists_and_buffer_with_their_lists_and_ids():
     bk, bi = buffer_keys(buffer)
     np.testing.assert_array_equal(bk, x[:5])
     assert bi.tolist() == [9, 8, 7, 6, 5]
+
+
+def test_fingerprints_do_not_depend_on_the_block_size():
+    x = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32)
+    whole = row_fingerprints(x, block=4096)
+    np.testing.assert_array_equal(row_fingerprints(x, block=33), whole)
+    assert len(np.unique(whole)) == len(x)

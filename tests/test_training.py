@@ -4,7 +4,7 @@ import torch
 
 from amips_faiss.data import make_clustered
 from amips_faiss.nn import KeyNet, SupportNet
-from amips_faiss.targets import split_queries, support_values
+from amips_faiss.targets import SupportTargets, split_queries, support_values
 from amips_faiss.training import TrainConfig, fit, router_loss, train_direct, train_router
 
 D = 32
@@ -128,3 +128,23 @@ def test_early_stopping_keeps_the_best_weights():
     summary = fit(model, loss, 512, lambda m: next(scores),
                   TrainConfig(steps=10_000, eval_every=10, patience=3, progress=False, device="cpu"))
     assert summary["best"] == 0.9 and summary["best_step"] == 20 and summary["steps"] == 50
+
+
+@pytest.mark.parametrize("dim, nlist, size, rank", [
+    (200, 1100, {}, 64),                      # many lists, wide keys: the low-rank linear term
+    (200, 1000, {}, None),                    # up to 1,024 lists: full
+    (64, 2000, {}, None),                     # narrow keys: full
+    (200, 1100, {"linear_rank": 200}, None),  # linear_rank=d asks for the full term
+    (200, 1100, {"linear_rank": 16}, 16),
+])
+def test_the_router_linear_term_is_low_rank_only_where_it_pays(dim, nlist, size, rank):
+    from amips_faiss.fitting import TrainingSet, new_model
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((20, dim)).astype(np.float32)
+    targets = SupportTargets(np.ones(20, np.float32), np.zeros(20, np.int64))
+    data = TrainingSet(q, targets, q, targets, q, targets)
+    centroids = rng.standard_normal((nlist, dim)).astype(np.float32)
+    model = new_model("supportnet", q, data, centroids, size)
+    assert model.linear_rank == rank
+    linear = [tuple(p.shape) for name, p in model.named_parameters() if name.startswith("linear")]
+    assert linear == ([(nlist, dim)] if rank is None else [(nlist, rank), (rank, dim)])
