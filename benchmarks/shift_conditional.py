@@ -1,0 +1,80 @@
+"""Offline analysis for issue 10: does calibrating the confidence margin *per bin* of the router's
+own forecast keep the target under query shift? (Mondrian-style conformal calibration: coverage then
+holds within each bin, so traffic that moves towards weakly matched queries stays covered.)
+
+Same set-up as ``benchmarks/shift.py`` (Debian, keys = the first 10,000 packages, router trained on
+their titles; tests: held-out titles of the same packages, and titles of the next 2,000 packages).
+For the index's default schedule it replays the probe rounds on the calibration queries and on both
+test sets (exact per-list values known) and compares one global margin τ with per-bin margins τ_b,
+bins = quantiles of the calibration queries' feature:
+
+- ``support``: the router's forecast for its first list / ||q|| (how well the best list matches);
+- ``flat``: (first − second forecast) / ||q|| (how clear the winner is).
+
+It reads the index's calibration data (private attributes): analysis code, not an API.
+
+    python -m benchmarks.shift_conditional
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import amips_faiss as af
+from amips_faiss import confidence
+from amips_faiss.data import default_debian_path, load_folder
+from amips_faiss.targets import split_queries, support_values
+
+N_KEYS, N_SHIFTED = 10_000, 2_000
+
+
+def main() -> None:
+    keys_all, titles = load_folder(default_debian_path())
+    keys = keys_all[:N_KEYS]
+    parts = split_queries(titles[:N_KEYS], {"test": 0.2, "train": 0.8})
+    af.set_num_threads(2)
+    index = af.IndexAMIPS(keys.shape[1], af.default_nlist(N_KEYS))
+    index.train(keys, titles[parts["train"]], steps=2000, time_limit=None, progress=False)
+    index.add(keys)
+    nlist, p = index.nlist, index._merge(None)
+    ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist)
+    assign = index.ivf.quantizer.assign(keys, 1).reshape(-1)
+
+    def prepared(queries, values):
+        scores, lists = index.router.route(queries, min(ends[-1] + 1, nlist))
+        q_norm = np.linalg.norm(queries, axis=1)
+        features = {"support": scores[:, 0] / q_norm, "flat": (scores[:, 0] - scores[:, 1]) / q_norm}
+        return (scores, lists, values, q_norm), features
+
+    calibration = prepared(index._calibration_queries, index._calibration_values)
+    tests = {name: prepared(q, support_values(keys, q, assign, nlist, progress=False).cluster_values)
+             for name, q in (("same packages", titles[parts["test"]]),
+                             ("next packages", titles[N_KEYS:N_KEYS + N_SHIFTED]))}
+
+    def outcome(replayed, taus):
+        round_gaps, round_correct, fallback_correct = replayed
+        sure = round_gaps <= taus[:, None]
+        stop = np.where(sure.any(axis=1), sure.argmax(axis=1), len(ends))
+        right = np.where(stop < len(ends), round_correct[np.arange(len(stop)), stop.clip(max=len(ends) - 1)],
+                         fallback_correct)
+        return right.mean(), np.append(np.asarray(ends, float), nlist)[stop].mean()
+
+    for target in (0.95, 0.99):
+        for blend in (0.0, 0.25):
+            def replay(data):
+                return confidence.replay(*data, ends, np.ones(len(data[0]), bool), blend)
+            critical = confidence.critical_margins(*replay(calibration[0]))
+            for feature, n_bins in (("global", 1), ("support", 2), ("support", 4), ("flat", 4)):
+                values = calibration[1]["support" if feature == "global" else feature]
+                edges = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
+                bins = np.searchsorted(edges, values)
+                taus = np.array([confidence.margin_for_recall(critical[bins == b], target)[0] for b in range(n_bins)])
+                cells = []
+                for name, (data, features) in tests.items():
+                    f = features["support" if feature == "global" else feature]
+                    match, lists = outcome(replay(data), taus[np.searchsorted(edges, f)])
+                    cells.append(f"{name} {match:.4f} ({lists:.1f} lists)")
+                print(f"target {target} blend {blend} {feature:7s} B={n_bins}: " + ", ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
