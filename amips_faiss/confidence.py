@@ -83,10 +83,11 @@ def margin_for_recall(critical: np.ndarray, target_recall: float) -> tuple[float
     return tau, float(np.mean((tau < critical) | np.isposinf(critical)))
 
 
-def mean_lists(round_gaps: np.ndarray, tau: float, ends: list[int], fallback_lists: int) -> float:
-    """Mean lists probed when each query stops at its first round with gap ≤ τ, and one that never
-    stops also scans ``fallback_lists`` more: the search cost a margin implies."""
-    sure = round_gaps <= tau
+def mean_lists(round_gaps: np.ndarray, tau, ends: list[int], fallback_lists: int) -> float:
+    """Mean lists probed when each query stops at its first round with gap ≤ τ (a number, or one
+    per query), and one that never stops also scans ``fallback_lists`` more: the search cost a
+    margin implies."""
+    sure = round_gaps <= np.reshape(tau, (-1, 1))
     stop = np.where(sure.any(axis=1), sure.argmax(axis=1), len(ends))
     cost = np.append(np.asarray(ends, np.float64), ends[-1] + fallback_lists)
     return float(cost[stop].mean())
@@ -95,10 +96,20 @@ def mean_lists(round_gaps: np.ndarray, tau: float, ends: list[int], fallback_lis
 @dataclass(frozen=True)
 class Calibration:
     """A calibrated confidence test: margin τ, blend λ, and the recall they give on the calibration
-    queries (below the target when the target is out of reach of the schedule and fallback)."""
+    queries (below the target when the target is out of reach of the schedule and fallback).
+    With bins: ``edges`` (b − 1 increasing values of the router's first-list forecast / ||q||) and
+    one margin per bin in ``margins``; ``margin`` is then the smallest of them."""
     margin: float
     blend: float
     recall: float
+    edges: tuple[float, ...] = ()
+    margins: tuple[float, ...] = ()
+
+    def margins_for(self, forecast: np.ndarray) -> np.ndarray | float:
+        """Each query's margin from its first-list forecast / ||q|| ``[n]`` (the one margin without bins)."""
+        if not self.edges:
+            return self.margin
+        return np.asarray(self.margins)[np.searchsorted(np.asarray(self.edges), forecast)]
 
 
 def replay(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np.ndarray, q_norm: np.ndarray,
@@ -122,7 +133,7 @@ def replay(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np
 
 def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np.ndarray,
                      q_norm: np.ndarray, ends: list[int], fallback_hits: np.ndarray, fallback_lists: int,
-                     target_recall: float, blends: tuple[float, ...] = BLENDS) -> Calibration:
+                     target_recall: float, blends: tuple[float, ...] = BLENDS, n_bins: int = 1) -> Calibration:
     """The margin τ and blend λ that reach ``target_recall`` on calibration queries at the fewest
     lists probed (or, when no λ reaches it, the best recall).
 
@@ -130,15 +141,27 @@ def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_
     −1 padded); ``cluster_values [n, nlist]``: exact per-list support values h_c(q);
     ``q_norm [n]``; ``ends``: the probe schedule; ``fallback_hits [n] bool``: whether the fallback's
     lists hold the argmax list; ``fallback_lists``: what the fallback scans, for the cost.
+    ``n_bins`` > 1: one margin per quantile bin of route_scores[:, 0] / q_norm, each reaching the
+    target on its own bin's queries.
     """
+    forecast = route_scores[:, 0] / np.maximum(q_norm, 1e-30)
+    edges = tuple(float(e) for e in np.quantile(forecast, np.linspace(0, 1, n_bins + 1)[1:-1])) if n_bins > 1 else ()
+    bins = np.searchsorted(np.asarray(edges), forecast)
     chosen = None  # (preference, result): reach the target, then fewest lists (or best recall)
     for blend in blends:
         round_gaps, round_correct, fallback_correct = replay(route_scores, route_lists, cluster_values, q_norm,
                                                              ends, fallback_hits, blend)
-        tau, recall = margin_for_recall(critical_margins(round_gaps, round_correct, fallback_correct),
-                                        target_recall)
-        cost = mean_lists(round_gaps, tau, ends, fallback_lists)
+        critical = critical_margins(round_gaps, round_correct, fallback_correct)
+        if edges:  # an empty bin (ties) is never sure
+            margins = tuple(margin_for_recall(critical[bins == b], target_recall)[0] if (bins == b).any()
+                            else -math.inf for b in range(n_bins))
+            recall = float(np.mean((np.asarray(margins)[bins] < critical) | np.isposinf(critical)))
+            calibration = Calibration(min(margins), blend, recall, edges, margins)
+        else:
+            tau, recall = margin_for_recall(critical, target_recall)
+            calibration = Calibration(tau, blend, recall)
+        cost = mean_lists(round_gaps, calibration.margins_for(forecast), ends, fallback_lists)
         preference = (recall >= target_recall, recall if recall < target_recall else -cost)
         if chosen is None or preference > chosen[0]:
-            chosen = (preference, Calibration(tau, blend, recall))
+            chosen = (preference, calibration)
     return chosen[1]

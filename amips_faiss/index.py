@@ -124,7 +124,8 @@ class IndexAMIPS:
         quarter = max(1, ivf.nlist // 4)
         self._resolved = None  # the index's settings resolved (margin and blend calibrated), until they change
         self._settings = SearchParametersAMIPS(nprobe=1, max_nprobe=quarter, fallback="exact",
-                                               fallback_nprobe=quarter, scan_method="auto", confidence_rank=1)
+                                               fallback_nprobe=quarter, scan_method="auto", confidence_rank=1,
+                                               calibration_bins=1)
         self._router = built
         if kind == "centroid" and ivf.is_trained:  # nothing to learn: ready now
             self._router = make_router(kind, ivf.quantizer, self.centroids())
@@ -421,12 +422,12 @@ class IndexAMIPS:
         with self._lock.reading():
             if not self.is_trained:
                 raise RuntimeError("search before train: call index.train(keys, queries) and index.add(keys)")
-            p = self._resolve(params)
+            p, calibration = self._resolve(params)
             if not len(xq):
                 self._stats = SearchStats()
                 return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
             D, I, self._stats = probing.search_parallel(faiss.omp_get_max_threads(), self._ivf, self._router,
-                                                        self._buffer, xq, k, p, self.centroids())
+                                                        self._buffer, xq, k, p, self.centroids(), calibration)
         return D, I
 
     def _merge(self, params: SearchParametersAMIPS | None) -> SearchParametersAMIPS:
@@ -438,8 +439,9 @@ class IndexAMIPS:
         return replace(p, nprobe=nprobe, max_nprobe=max(nprobe, min(p.max_nprobe, self.nlist)),
                        fallback_nprobe=min(p.fallback_nprobe, self.nlist))
 
-    def _resolve(self, params: SearchParametersAMIPS | None) -> SearchParametersAMIPS:
-        """``_merge``, then the margin and blend: explicit, fixed probing, or calibrated. Under a
+    def _resolve(self, params: SearchParametersAMIPS | None) -> tuple[SearchParametersAMIPS, Calibration | None]:
+        """``_merge``, then the margin and blend: explicit, fixed probing, or calibrated (then also the
+        ``Calibration``, whose bins give per-query margins). Under a
         filter the blend is 0: the router's forecast for its first list is over all keys, so only
         the best *allowed* score found is a safe reference (a blend there stops queries too early:
         0.88 instead of 0.95 at 10% selectivity on the test set). The index's own settings resolve
@@ -453,11 +455,11 @@ class IndexAMIPS:
         if p.sel is not None:
             p = replace(p, blend=0.0)
         if p.margin is not None:
-            return replace(p, blend=p.blend or 0.0)
+            return replace(p, blend=p.blend or 0.0), None
         if p.target_recall is None:
-            return replace(p, margin=math.inf, blend=0.0)
+            return replace(p, margin=math.inf, blend=0.0), None
         calibration = self._calibration(p.target_recall, p)
-        return replace(p, margin=calibration.margin, blend=calibration.blend)
+        return replace(p, margin=calibration.margin, blend=calibration.blend), calibration
 
     def calibrate_margin(self, target_recall: float, params: SearchParametersAMIPS | None = None) -> Calibration:
         """The margin τ and blend λ that reach ``target_recall`` on the calibration queries with the
@@ -470,7 +472,7 @@ class IndexAMIPS:
     def _calibration(self, target_recall: float, p: SearchParametersAMIPS) -> Calibration:
         if self._calibration_queries is None:
             raise RuntimeError("target_recall needs a calibration: train the index with queries first")
-        key = (target_recall, p.nprobe, p.max_nprobe, p.fallback, p.fallback_nprobe, p.blend)
+        key = (target_recall, p.nprobe, p.max_nprobe, p.fallback, p.fallback_nprobe, p.blend, p.calibration_bins)
         with self._calibration_mutex:
             if key in self._calibrations:
                 return self._calibrations[key]

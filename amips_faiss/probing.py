@@ -38,7 +38,8 @@ SCORE_BLOCK_BYTES = 64 << 20  # router scores held at once by one block of a big
 
 
 def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
-                    centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+                    centroids: np.ndarray, calibration: confidence.Calibration | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """``search`` on blocks of a batch: at most ``block_rows(nlist)`` queries at a time (the router's
     ``[rows, nlist]`` scores stay within ``SCORE_BLOCK_BYTES``), and a big batch on up to
     ``n_threads`` blocks at once, each thread with one BLAS and one OpenMP thread (numpy, BLAS and
@@ -48,12 +49,12 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     threads = max(1, min(n_threads, n // PARALLEL_MIN_QUERIES))
     n_blocks = max(threads, -(-n // block_rows(ivf.nlist)))
     if n_blocks < 2:
-        return search(ivf, router, buffer, xq, k, p, centroids)
+        return search(ivf, router, buffer, xq, k, p, centroids, calibration)
     start = time.perf_counter()
     bounds = np.linspace(0, n, n_blocks + 1).astype(int)
 
     def run(lo: int, hi: int):
-        return search(ivf, router, buffer, xq[lo:hi], k, p, centroids)
+        return search(ivf, router, buffer, xq[lo:hi], k, p, centroids, calibration)
 
     if threads > 1:
         with threadpoolctl.threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
@@ -76,11 +77,13 @@ def block_rows(nlist: int) -> int:
 
 
 def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
-           centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           centroids: np.ndarray, calibration: confidence.Calibration | None = None
+           ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """The k best keys of ``xq [n, d] float32`` by probe rounds over ``ivf``'s lists in ``router``
     order, plus an exact scan of ``buffer`` (keys the router has not seen).
 
-    ``p``: resolved settings (every field set; ``margin`` and ``blend`` numbers). ``centroids
+    ``p``: resolved settings (every field set; ``margin`` and ``blend`` numbers). ``calibration``:
+    where it has bins, each query's margin comes from its bin instead of ``p.margin``. ``centroids
     [nlist, d]``: needed to scan compressed lists by residual.
     The caller keeps the index unchanged meanwhile (the lists are read in place).
     """
@@ -124,6 +127,8 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
             router_seconds += time.perf_counter() - t
             if first_scores is None:
                 first_scores = route_scores[:, 0].astype(np.float64)
+                margins = calibration.margins_for(first_scores / np.maximum(q_norm, 1e-30)) \
+                    if calibration is not None and calibration.edges else np.full(n, p.margin)
             probed[active] += scan(active, route_lists[:, begin:end],
                                    router.coarse_distances(route_scores[:, begin:end]))
             rounds += 1
@@ -132,7 +137,7 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
             # confidence_rank-th best: a list forecast below it cannot change the top confidence_rank
             found = D[active, min(p.confidence_rank, k) - 1]
             found = np.where(found <= EMPTY_SCORE, -np.inf, found)
-            unsure = confidence.gaps(next_scores, found, q_norm[active], first_scores[active], p.blend) > p.margin
+            unsure = confidence.gaps(next_scores, found, q_norm[active], first_scores[active], p.blend) > margins[active]
             active, probed_lists, begin = active[unsure], route_lists[unsure, :end], end
             if not len(active):
                 break
@@ -179,7 +184,7 @@ def calibrate(ivf, router: Router, queries: np.ndarray, cluster_values: np.ndarr
         hits, cost = np.zeros(len(queries), bool), 0
     blends = confidence.BLENDS if p.blend is None else (p.blend,)
     return confidence.calibrate_margin(scores, lists, cluster_values, np.linalg.norm(queries, axis=1), ends,
-                                       hits, cost, target_recall, blends)
+                                       hits, cost, target_recall, blends, p.calibration_bins)
 
 
 def brute_force(xq: np.ndarray, k: int, keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -322,6 +322,28 @@ def test_confidence_rank_holds_the_top_r_against_the_forecast(synthetic, trained
     assert lists[10] > lists[1] and recall[10] > recall[1] + 0.01
 
 
+def test_margins_per_bin_of_the_forecast_hold_the_target_on_the_weakest_queries(synthetic, trained):
+    """calibration_bins=4: one margin per quartile of the router's first-list forecast / ||q||, each
+    reaching the target on its own calibration queries, so the target also holds on a test sample
+    made only of the weakest-forecast quarter (a shifted traffic)."""
+    index = trained("supportnet", synthetic)
+    params = af.SearchParametersAMIPS(target_recall=0.95, calibration_bins=4)
+    calibration = index.calibrate_margin(0.95, params)
+    assert len(calibration.margins) == 4 and list(calibration.edges) == sorted(calibration.edges)
+    assert calibration.recall >= 0.95 and calibration.margin == min(calibration.margins)
+    q = synthetic["test"]
+    scores, _ = index.router.route(q, 1)
+    weak = scores[:, 0] / np.linalg.norm(q, axis=1) < calibration.edges[0]
+    assert 200 < weak.sum() < 1000
+    _, I = index.search(q[weak], 1, params=params)
+    rate = match_rate(found_scores(synthetic["keys"], q[weak], I[:, 0]), synthetic["exact"].values[weak])
+    assert rate >= 0.95 - 3 * math.sqrt(0.95 * 0.05 / weak.sum()), rate  # one global margin: 0.915
+    _, I = index.search(q, 1, params=params)  # and on the whole test set
+    assert match_rate(found_scores(synthetic["keys"], q, I[:, 0]), synthetic["exact"].values) >= 0.95 - 0.015
+    with pytest.raises(ValueError, match="calibration_bins"):
+        af.SearchParametersAMIPS(calibration_bins=0)
+
+
 def test_reconstruct_batch_reads_lists_and_buffer(synthetic, trained):
     index = copy_of(trained("supportnet", synthetic))
     extra = np.full((1, D), 3.0, np.float32)
