@@ -153,9 +153,11 @@ def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_
                                                              ends, fallback_hits, blend)
         critical = critical_margins(round_gaps, round_correct, fallback_correct)
         if edges:  # an empty bin (ties) is never sure
-            margins = tuple(margin_for_recall(critical[bins == b], target_recall)[0] if (bins == b).any()
-                            else -math.inf for b in range(n_bins))
-            recall = float(np.mean((np.asarray(margins)[bins] < critical) | np.isposinf(critical)))
+            sizes = np.bincount(bins, minlength=n_bins)
+            per_bin = [margin_for_recall(critical[bins == b], target_recall) if sizes[b] else (-math.inf, 0.0)
+                       for b in range(n_bins)]
+            margins = tuple(tau for tau, _ in per_bin)
+            recall = float(np.dot(sizes, [r for _, r in per_bin]) / len(critical))
             calibration = Calibration(min(margins), blend, recall, edges, margins)
         else:
             tau, recall = margin_for_recall(critical, target_recall)

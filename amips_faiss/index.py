@@ -13,7 +13,7 @@ import math
 import threading
 import time
 import warnings
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import faiss
 import numpy as np
@@ -29,7 +29,7 @@ from .nn import model_from_config
 from .parameters import REQUIRED, SETTINGS, SearchParametersAMIPS, SearchStats
 from .routing import LEARNED_ROUTERS, ROUTERS, Router, make_router
 from .scan import is_flat, scan_plan
-from .training import TrainConfig
+from .training import TrainConfig, make_config
 from .validation import check_fraction, check_ids, check_positive_int, check_vectors
 
 CUSTOM = "custom"  # router_name of an index given a user-built Router
@@ -228,12 +228,7 @@ class IndexAMIPS:
         validation, augmentation, steps, time limit, checkpoint, device. ``target_recall`` becomes
         the index's default. Every argument is checked before anything changes.
         """
-        if config is not None and not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        unknown = set(options) - {f.name for f in fields(TrainConfig)}
-        if unknown:
-            raise TypeError(f"unknown training option(s) {sorted(unknown)}; see TrainConfig")
-        config = replace(config or TrainConfig(), **options)
+        config = make_config(config, options)
         target_recall = check_fraction(target_recall, "target_recall")
         if xb is not None:
             xb = check_vectors(xb, "xb", d=self.d)

@@ -11,7 +11,7 @@ import math
 import os
 import time
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -85,6 +85,17 @@ class TrainConfig:
     def validation_interval(self) -> int:
         """Steps between validations: ``eval_every``, or steps/10 clamped to [50, 250]."""
         return self.eval_every or max(50, min(250, self.steps // 10))
+
+
+def make_config(config: TrainConfig | None, options: dict) -> TrainConfig:
+    """``config`` (default ``TrainConfig()``) with the fields in ``options`` replaced, every value
+    checked; a wrong type or an unknown field is refused by name."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    unknown = set(options) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"unknown training option(s) {sorted(unknown)}; see TrainConfig")
+    return replace(config or TrainConfig(), **options)
 
 
 def _is_real(value) -> bool:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-import faiss
 import numpy as np
 
 import amips_faiss as af

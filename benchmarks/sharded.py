@@ -13,7 +13,6 @@ import json
 import os
 import time
 
-import numpy as np
 import ray
 
 import amips_faiss as af

@@ -27,6 +27,24 @@ from amips_faiss.targets import split_queries, support_values
 from .run import timed
 
 
+def shifted_debian(n_keys: int = 10_000, n_shifted: int = 2_000, steps: int = 2_000
+                   ) -> tuple[np.ndarray, af.IndexAMIPS, dict[str, np.ndarray], float]:
+    """The held-out-topic set-up: keys = the first ``n_keys`` packages' descriptions, an index
+    trained (2 threads) on 80% of their titles; returns the keys, the index, the test sets
+    {"same packages": the other titles, "next packages": the next ``n_shifted`` packages' titles}
+    and the build seconds."""
+    keys_all, titles = load_folder(default_debian_path())
+    keys = keys_all[:n_keys]
+    parts = split_queries(titles[:n_keys], {"test": 0.2, "train": 0.8})
+    af.set_num_threads(2)
+    index = af.IndexAMIPS(keys.shape[1], af.default_nlist(len(keys)))
+    start = time.perf_counter()
+    index.train(keys, titles[parts["train"]], steps=steps, time_limit=None, progress=False)
+    index.add(keys)
+    tests = {"same packages": titles[parts["test"]], "next packages": titles[n_keys:n_keys + n_shifted]}
+    return keys, index, tests, time.perf_counter() - start
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=10_000)
@@ -34,20 +52,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2_000)
     ap.add_argument("--out", default="benchmarks/results/shift")
     args = ap.parse_args(argv)
-    keys_all, titles = load_folder(default_debian_path())
-    keys = keys_all[:args.keys]
-    parts = split_queries(titles[:args.keys], {"test": 0.2, "train": 0.8})
-    train_q, same = titles[parts["train"]], titles[parts["test"]]
-    shifted = titles[args.keys:args.keys + args.shifted]
-    af.set_num_threads(2)
-    index = af.IndexAMIPS(keys.shape[1], af.default_nlist(len(keys)))
-    start = time.perf_counter()
-    index.train(keys, train_q, steps=args.steps, time_limit=None, progress=False)
-    index.add(keys)
-    rows = [{"build_s": round(time.perf_counter() - start, 1), "train_queries": len(train_q),
-             "calibration_queries": index.n_calibration}]
+    keys, index, tests, build_seconds = shifted_debian(args.keys, args.shifted, args.steps)
+    rows = [{"build_s": round(build_seconds, 1), "calibration_queries": index.n_calibration}]
     af.set_num_threads(1)
-    for name, test in (("same packages", same), ("next packages", shifted)):
+    for name, test in tests.items():
         exact = support_values(keys, test, progress=False).values
         for bins, target in ((b, t) for b in (1, 4) for t in (0.9, 0.95, 0.99)):
             params = af.SearchParametersAMIPS(target_recall=target, calibration_bins=bins)
@@ -60,7 +68,7 @@ def main(argv=None) -> None:
                          "fallback": round(index.stats.fallback_share, 4)})
             print(json.dumps(rows[-1]), flush=True)
     params = af.SearchParametersAMIPS(target_recall=0.95)
-    big = np.tile(same, (3, 1))  # a batch big enough to split across threads
+    big = np.tile(tests["same packages"], (3, 1))  # a batch big enough to split across threads
     for threads in (1, 2):
         af.set_num_threads(threads)
         seconds, _ = timed(lambda x: index.search(x, 1, params=params), big, 5)

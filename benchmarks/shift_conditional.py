@@ -19,22 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
-import amips_faiss as af
 from amips_faiss import confidence
-from amips_faiss.data import default_debian_path, load_folder
-from amips_faiss.targets import split_queries, support_values
+from amips_faiss.targets import support_values
 
-N_KEYS, N_SHIFTED = 10_000, 2_000
+from .shift import shifted_debian
 
 
 def main() -> None:
-    keys_all, titles = load_folder(default_debian_path())
-    keys = keys_all[:N_KEYS]
-    parts = split_queries(titles[:N_KEYS], {"test": 0.2, "train": 0.8})
-    af.set_num_threads(2)
-    index = af.IndexAMIPS(keys.shape[1], af.default_nlist(N_KEYS))
-    index.train(keys, titles[parts["train"]], steps=2000, time_limit=None, progress=False)
-    index.add(keys)
+    keys, index, test_sets, _ = shifted_debian()
     nlist, p = index.nlist, index._merge(None)
     ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist)
     assign = index.ivf.quantizer.assign(keys, 1).reshape(-1)
@@ -47,8 +39,7 @@ def main() -> None:
 
     calibration = prepared(index._calibration_queries, index._calibration_values)
     tests = {name: prepared(q, support_values(keys, q, assign, nlist, progress=False).cluster_values)
-             for name, q in (("same packages", titles[parts["test"]]),
-                             ("next packages", titles[N_KEYS:N_KEYS + N_SHIFTED]))}
+             for name, q in test_sets.items()}
 
     def outcome(replayed, taus):
         round_gaps, round_correct, fallback_correct = replayed

@@ -8,7 +8,6 @@ import pytest
 
 import amips_faiss as af
 from amips_faiss import probing
-from amips_faiss.data import make_clustered
 from amips_faiss.metrics import found_scores, match_rate
 from amips_faiss.routing import Router
 
