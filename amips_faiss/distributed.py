@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 
 import numpy as np
 
@@ -32,11 +31,11 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("amips_faiss.distributed needs Ray: pip install 'amips_faiss[ray]'") from exc
 
-from .index import IndexAMIPS
+from .index import IndexAMIPS, set_num_threads
 from .io import read_index, write_index
 from .parameters import SearchParametersAMIPS
-from .training import TrainConfig
-from .validation import check_ids, check_positive_int, check_vectors
+from .training import TrainConfig, make_config
+from .validation import check_fraction, check_ids, check_positive_int, check_vectors
 
 SPLITS = ("hash", "range")
 MANIFEST = "manifest.json"
@@ -51,15 +50,17 @@ class _Shard:
     """The Ray actor behind one shard: an IndexAMIPS and the version of its keys."""
 
     def __init__(self, threads: int, args: tuple | None = None, path: str | None = None, version: int = 0):
-        from .index import set_num_threads
         set_num_threads(threads)
         self.index = read_index(path) if path else IndexAMIPS(*args[:3], **args[3])
         self.version = version
 
-    def call(self, version: int | None, method: str, *args, **kwargs):
-        """``index.method(*args, **kwargs)``; a write (``version`` given) moves the shard's version."""
-        out = getattr(self.index, method)(*args, **kwargs)
-        if version is not None:
+    def call(self, version: int, method: str, *args, **kwargs):
+        """``index.method(*args, **kwargs)`` as write number ``version``. A write the index refuses
+        changes nothing there, so the shard still agrees with the driver's count: the version moves
+        either way, and the driver gets the refusal."""
+        try:
+            out = getattr(self.index, method)(*args, **kwargs)
+        finally:
             self.version = version
         return None if out is self.index else out  # (train returns the index, which stays here)
 
@@ -217,11 +218,8 @@ class ShardedIndexAMIPS:
         xb = check_vectors(xb, "xb", d=self.d)
         if queries is not None:
             queries = check_vectors(queries, "queries", d=self.d)
-        if config is not None and not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        unknown = set(options) - {f.name for f in fields(TrainConfig)}
-        if unknown:
-            raise TypeError(f"unknown training option(s) {sorted(unknown)}; see TrainConfig")
+        config = make_config(config, options)
+        target_recall = check_fraction(target_recall, "target_recall")
         rows = self._split(len(xb), np.arange(self._ntotal, self._ntotal + len(xb)))
         small = [s for s, r in enumerate(rows) if len(r) < self.nlist]
         if small:
@@ -229,7 +227,7 @@ class ShardedIndexAMIPS:
                              "pass more keys, fewer lists or fewer shards")
         queries_ref = ray.put(queries)
         self._write("train", {s: (ray.put(xb[r]), queries_ref, config) for s, r in enumerate(rows)},
-                    target_recall=target_recall, **options)
+                    target_recall=target_recall)
         return self
 
     def add(self, x: np.ndarray) -> None:

@@ -169,3 +169,9 @@ def test_bad_arguments_are_refused(cluster, data):
             index.add(data["keys"][:, :8])
         with pytest.raises(TypeError, match="unknown training option"):
             index.train(data["keys"], data["train"], stepz=3)
+        with pytest.raises(ValueError, match="target_recall"):
+            index.train(data["keys"], data["train"], target_recall=1.5)
+        with pytest.raises(ValueError, match="validation queries"):  # refused by the shards themselves
+            index.train(data["keys"], data["train"], **{**TRAIN, "n_validation": 0})
+        with pytest.raises(RuntimeError, match="search before train"):  # not "restarted from an older state"
+            index.search(data["test"][:5], 3)
