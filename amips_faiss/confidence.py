@@ -36,13 +36,13 @@ def gaps(next_scores: np.ndarray, found: np.ndarray, q_norm: np.ndarray, first_s
          blend: float = 0.0) -> np.ndarray:
     """(next_scores − (1 − λ)·found − λ·first_scores) / ||q||, all ``[n]``; +inf where nothing was
     found, −inf where no list is left."""
-    reference = found.astype(np.float64)
+    missing = found == -np.inf
+    reference = np.where(missing, 0.0, found.astype(np.float64))  # finite: no inf − inf below
     if blend:
         reference = (1.0 - blend) * reference + blend * first_scores
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        g = (next_scores.astype(np.float64) - reference) / np.maximum(q_norm, 1e-30)
-    g = np.where(np.isneginf(found), np.inf, g)
-    return np.where(np.isneginf(next_scores), -np.inf, g)
+    g = (next_scores.astype(np.float64) - reference) / np.maximum(q_norm, 1e-30)
+    g[missing & (next_scores != -np.inf)] = np.inf
+    return g
 
 
 def critical_margins(round_gaps: np.ndarray, round_correct: np.ndarray, fallback_correct: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from .validation import check_fraction, check_ids, check_positive_int, check_vec
 
 CUSTOM = "custom"  # router_name of an index given a user-built Router
 ADD_BLOCK = 1 << 18  # keys added (and assigned to lists) at a time
+RESOLVED_CACHE = 64  # per-call settings kept resolved (a service reuses a few)
 LOUD_KMEANS = 100_000  # k-means on this many keys or more prints faiss's per-iteration log (progress=True)
 
 
@@ -122,7 +123,7 @@ class IndexAMIPS:
         self._stats = SearchStats()
         self._train_summary: dict = {}
         quarter = max(1, ivf.nlist // 4)
-        self._resolved = None  # the index's settings resolved (margin and blend calibrated), until they change
+        self._resolved: dict = {}  # settings resolved (margin and blend calibrated) per call's params, until they change
         self._settings = SearchParametersAMIPS(nprobe=1, max_nprobe=quarter, fallback="exact",
                                                fallback_nprobe=quarter, scan_method="auto", confidence_rank=1,
                                                calibration_bins=1)
@@ -146,7 +147,7 @@ class IndexAMIPS:
             if name == "target_recall" and value is not None and self._calibration_queries is None:
                 raise RuntimeError("target_recall needs a calibration: train the index with queries first")
             setattr(self._settings, name, value)
-            self._resolved = None
+            self._resolved = {}
         else:
             raise AttributeError(f"IndexAMIPS has no setting {name!r}; its settings are {SETTINGS}")
 
@@ -272,7 +273,7 @@ class IndexAMIPS:
             self._router, self._train_summary = router, summary
             self._calibration_queries = data.calibration_queries if len(data.calibration_queries) else None
             self._calibration_values = data.calibration.cluster_values if len(data.calibration_queries) else None
-            self._calibrations, self._resolved = {}, None
+            self._calibrations, self._resolved = {}, {}
             self._trained_fingerprints = keystore.fingerprints(keys)
             self._flush_known()
             self._settings.target_recall = target_recall if self._calibration_queries is not None else None
@@ -439,13 +440,20 @@ class IndexAMIPS:
         ``Calibration``, whose bins give per-query margins). Under a
         filter the blend is 0: the router's forecast for its first list is over all keys, so only
         the best *allowed* score found is a safe reference (a blend there stops queries too early:
-        0.88 instead of 0.95 at 10% selectivity on the test set). The index's own settings resolve
-        once until they change (a single-query call should not pay for it)."""
-        if params is None:
-            resolved = self._resolved
-            if resolved is None:
-                resolved = self._resolved = self._resolve(SearchParametersAMIPS())
-            return resolved
+        0.88 instead of 0.95 at 10% selectivity on the test set). Settings without a filter resolve
+        once until the index's change (a single-query call should not pay for it)."""
+        key = () if params is None else tuple(params.given().items()) \
+            if isinstance(params, SearchParametersAMIPS) and params.sel is None else None  # None: not kept
+        resolved = self._resolved.get(key) if key is not None else None
+        if resolved is None:
+            resolved = self._resolve_now(params)
+            if key is not None:
+                if len(self._resolved) >= RESOLVED_CACHE:
+                    self._resolved.clear()
+                self._resolved[key] = resolved
+        return resolved
+
+    def _resolve_now(self, params: SearchParametersAMIPS | None) -> tuple[SearchParametersAMIPS, Calibration | None]:
         p = self._merge(params)
         if p.sel is not None:
             p = replace(p, blend=0.0)

@@ -95,7 +95,7 @@ class SearchParametersAMIPS:
 
     def given(self) -> dict:
         """The fields that are set (not None)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {name: value for name, value in vars(self).items() if value is not None}
 
 
 SETTINGS = tuple(f.name for f in fields(SearchParametersAMIPS) if f.name != "sel")  # what an index keeps

@@ -35,6 +35,9 @@ from .scan import EMPTY_SCORE, FlatListViews, is_flat, scan_plan
 BRUTE_FORCE_LISTS = 64
 PARALLEL_MIN_QUERIES = 256  # a batch is split across threads only into chunks at least this big
 SCORE_BLOCK_BYTES = 64 << 20  # router scores held at once by one block of a big batch
+# Batches up to this many queries rank every round's lists at once (one partial sort, not one per
+# round): most of them run several rounds, and a round's fixed cost is what a small batch pays.
+PLAN_ONCE_ROWS = 32
 
 
 def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
@@ -48,6 +51,8 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     n = len(xq)
     threads = max(1, min(n_threads, n // PARALLEL_MIN_QUERIES))
     n_blocks = max(threads, -(-n // block_rows(ivf.nlist)))
+    if n == 1 and p.sel is None:
+        return search_one(ivf, router, buffer, xq, k, p, centroids, calibration)
     if n_blocks < 2:
         return search(ivf, router, buffer, xq, k, p, centroids, calibration)
     start = time.perf_counter()
@@ -115,6 +120,9 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     try:
         router_seconds = -time.perf_counter()
         rank = router.ranker(xq)  # scores the batch once; each round ranks its active rows
+        if n <= PLAN_ONCE_ROWS:  # a small batch: every round's order in one ranking, sliced per round
+            planned = rank(np.arange(n), min(ends[-1] + 1, nlist))
+            rank = lambda rows, n_lists: (planned[0][rows, :n_lists], planned[1][rows, :n_lists])  # noqa: E731
         router_seconds += time.perf_counter()
         q_norm = np.linalg.norm(xq, axis=1)
         first_scores = None  # the router's score of each query's first list
@@ -149,6 +157,50 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     stats = SearchStats(n, float(probed.mean()) if n else 0.0, rounds, n_fallback / max(1, n),
                         router_seconds / max(1, n), time.perf_counter() - start_time)
     return D, I, stats
+
+
+def search_one(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
+               centroids: np.ndarray, calibration: confidence.Calibration | None = None
+               ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """``search`` for a single query ``xq [1, d]`` without a filter: the same rounds, confidence test
+    and fallback, without the batch's bookkeeping (active rows, views, per-row margins), which
+    costs one query more than its scan. Measured (one thread, p50 per call at match 0.95): Debian
+    130 µs against 250 µs through ``search``, GloVe 140 against 260."""
+    start_time = time.perf_counter()
+    nlist = ivf.nlist
+    row = np.zeros(1, np.int64)
+    D = np.full((1, k), EMPTY_SCORE, np.float32)
+    I = np.full((1, k), -1, np.int64)
+    if buffer.ntotal:
+        merge_into(D, I, row, *buffer.search(xq, k))
+    ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) if p.margin < math.inf else [p.nprobe]
+    router_seconds = -time.perf_counter()
+    route_scores, route_lists = router.route(xq, min(ends[-1] + 1, nlist))  # every round's order at once
+    router_seconds += time.perf_counter()
+    q_norm = np.sqrt(np.einsum("ij,ij->i", xq, xq))
+    first_scores = route_scores[:, 0].astype(np.float64)
+    margin = calibration.margins_for(first_scores / np.maximum(q_norm, 1e-30)) if calibration else p.margin
+    rank = min(p.confidence_rank, k) - 1
+    begin = probed = rounds = 0
+    fallback = False
+    for end in ends:
+        lists = route_lists[:, begin:end]
+        merge_into(D, I, row, *scan_plan(ivf, xq, k, lists, router.coarse_distances(route_scores[:, begin:end]),
+                                         centroids, p.scan_method))
+        probed += int((lists >= 0).sum())
+        rounds, begin = rounds + 1, end
+        next_score = route_scores[:, end] if end < route_scores.shape[1] else np.full(1, -np.inf)
+        found = D[:, rank] if D[0, rank] > EMPTY_SCORE else np.full(1, -np.inf)
+        if not confidence.gaps(next_score, found, q_norm, first_scores, p.blend)[0] > margin:
+            break  # sure
+    else:
+        fallback = p.fallback != "none"
+        if fallback:
+            lists, coarse = fallback_plan(ivf, xq, route_lists[:, :begin], p)
+            merge_into(D, I, row, *scan_plan(ivf, xq, k, lists, coarse, centroids, p.scan_method))
+            probed += int((lists >= 0).sum())
+    return D, I, SearchStats(1, float(probed), rounds, float(fallback), router_seconds,
+                             time.perf_counter() - start_time)
 
 
 def fallback_plan(ivf, xq: np.ndarray, probed_lists: np.ndarray, p: SearchParametersAMIPS
@@ -201,15 +253,23 @@ def brute_force(xq: np.ndarray, k: int, keys: np.ndarray, ids: np.ndarray) -> tu
 
 
 def merge_into(D: np.ndarray, I: np.ndarray, rows: np.ndarray, D_new: np.ndarray, I_new: np.ndarray) -> None:
-    """Merge results ``D_new, I_new [len(rows), k]`` into rows of ``D, I``, keeping the k best."""
+    """Merge results ``D_new, I_new [len(rows), k]`` into rows of ``D, I``, keeping the k best
+    (on ties, the results already there first)."""
     if not len(rows):
         return
-    if (D[rows, 0] == EMPTY_SCORE).all():  # nothing found yet (a first round): the new results as they are
+    old = D[rows]
+    if (old[:, 0] == EMPTY_SCORE).all():  # nothing found yet (a first round): the new results as they are
         D[rows], I[rows] = D_new, I_new
         return
     k = D.shape[1]
-    Dc = np.hstack([D[rows], D_new])
-    Ic = np.hstack([I[rows], I_new])
+    if len(rows) == 1:  # one query: 1-D, half the cost of the 2-D indexing below
+        r = rows[0]
+        Dc, Ic = np.concatenate((old[0], D_new[0])), np.concatenate((I[r], I_new[0]))
+        order = np.argsort(-Dc, kind="stable")[:k]
+        D[r], I[r] = Dc[order], Ic[order]
+        return
+    Dc = np.concatenate([old, D_new], axis=1)
+    Ic = np.concatenate([I[rows], I_new], axis=1)
     order = np.argsort(-Dc, axis=1, kind="stable")[:, :k]
-    D[rows] = np.take_along_axis(Dc, order, axis=1)
-    I[rows] = np.take_along_axis(Ic, order, axis=1)
+    at = np.arange(len(rows))[:, None]
+    D[rows], I[rows] = Dc[at, order], Ic[at, order]

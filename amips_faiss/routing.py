@@ -33,13 +33,19 @@ def top_lists(scores: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]
     if m <= 12 and n >= 64:  # in big batches a partial heap (torch.topk) beats numpy for very few lists
         top = torch.topk(torch.from_numpy(np.ascontiguousarray(scores, np.float32)), m, dim=1, sorted=True)
         out_scores, lists = top.values.numpy(), top.indices.numpy()
+    elif n == 1 and m < nlist:  # one query (a service's call): 1-D, a third of the 2-D path's cost
+        row = scores[0]
+        part = np.argpartition(row, nlist - m)[nlist - m:]
+        order = part[np.argsort(-row[part], kind="stable")]
+        out_scores, lists = row[order][None].astype(np.float32, copy=False), order[None].astype(np.int64, copy=False)
     else:
+        at = np.arange(n)[:, None]  # row indices: plain indexing costs less than take_along_axis
         part = np.argpartition(scores, nlist - m, axis=1)[:, nlist - m:] if m < nlist else \
             np.broadcast_to(np.arange(nlist), (n, nlist))
-        part_scores = np.take_along_axis(scores, part, axis=1)
+        part_scores = scores[at, part]
         order = np.argsort(-part_scores, axis=1, kind="stable")
-        lists = np.take_along_axis(part, order, axis=1).astype(np.int64)
-        out_scores = np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
+        lists = part[at, order].astype(np.int64, copy=False)
+        out_scores = part_scores[at, order].astype(np.float32, copy=False)
     if n_lists > nlist:
         pad = n_lists - nlist
         lists = np.hstack([lists, np.full((n, pad), -1, np.int64)])
@@ -117,6 +123,8 @@ class SupportNetRouter(Router):
         self._forward = model.frozen()  # numpy on a snapshot: no torch dispatch per call
 
     def scores(self, xq: np.ndarray) -> np.ndarray:
+        if 0 < len(xq) <= _CHUNK:
+            return self._forward(xq)
         out = [self._forward(xq[lo:lo + _CHUNK]) for lo in range(0, len(xq), _CHUNK)]
         return np.concatenate(out) if out else np.zeros((0, self.model.n_outputs), np.float32)
 

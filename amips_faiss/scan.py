@@ -29,6 +29,7 @@ handed back with ``release`` (a no-op for faiss's in-memory lists, needed for on
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import faiss
 import numpy as np
@@ -78,6 +79,8 @@ class FlatListViews:
 
     def release(self) -> None:
         """Hand every pointer back to the inverted lists; the views are invalid afterwards."""
+        if not self._pointers:  # nothing was viewed (a faiss-scanned search)
+            return
         invlists = self._ivf.invlists
         for i, codes, ids in self._pointers:
             invlists.release_codes(i, codes)
@@ -141,10 +144,16 @@ def scan_faiss(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarra
     lists = np.ascontiguousarray(lists, np.int64)
     coarse = np.ascontiguousarray(coarse, np.float32)
     xq = np.ascontiguousarray(xq, np.float32)
-    params = faiss.SearchParametersIVF(nprobe=max(1, width), sel=sel)
+    params = faiss.SearchParametersIVF(nprobe=width, sel=sel) if sel is not None else _ivf_params(width)
     ivf.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
                              faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
     return D, I
+
+
+@functools.lru_cache(maxsize=256)
+def _ivf_params(nprobe: int):
+    """faiss search parameters for ``nprobe`` lists and no filter, made once (read-only in a search)."""
+    return faiss.SearchParametersIVF(nprobe=nprobe)
 
 
 def scan_blas_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None

@@ -19,10 +19,10 @@ def check_vectors(x, name: str = "x", d: int | None = None, allow_empty: bool = 
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name} must be a 2-D array of vectors, got {type(x).__name__}")
     arr = np.asarray(x)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
+    if arr.dtype.kind == "c":
         raise TypeError(f"{name} must hold real numbers, got complex dtype {arr.dtype}")
+    if arr.dtype.kind not in "biuf":  # bool, integers, floats
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D [n, d], got shape {arr.shape}"
                          + (" (use x[None, :] for a single vector)" if arr.ndim == 1 else ""))

@@ -458,6 +458,36 @@ def test_a_big_batch_split_across_threads_gives_the_one_thread_answer(synthetic,
     assert index.stats.mean_lists_probed == pytest.approx(lists1) and index.stats.n_queries == len(q)
 
 
+@pytest.mark.parametrize("router", ["supportnet", "keynet", "centroid"])
+def test_one_query_per_call_gets_the_batch_answer(synthetic, trained, router, monkeypatch):
+    """A single query takes the lean path (``probing.search_one``): same rounds, confidence test,
+    fallback and buffer as the batch, so the same answer and the same lists probed."""
+    index = copy_of(trained(router, synthetic))
+    index.add_with_ids(synthetic["keys"][:50] * 1.5, np.arange(10 ** 6, 10 ** 6 + 50))  # a buffer to scan too
+    q = synthetic["test"][:120]
+    batch_calls, batch_search = [], probing.search
+    monkeypatch.setattr(probing, "search", lambda *a, **kw: batch_calls.append(1) or batch_search(*a, **kw))
+    settings = [dict(nprobe=2, margin=-math.inf, max_nprobe=8), dict(nprobe=1, margin=FIXED),
+                dict(nprobe=2, fallback="ivf", fallback_nprobe=5, margin=0.0, max_nprobe=8)]
+    if router != "centroid":
+        settings += [dict(target_recall=0.9), dict(target_recall=0.95, confidence_rank=3),
+                     dict(target_recall=0.95, calibration_bins=4)]
+    for setting in settings:
+        params = af.SearchParametersAMIPS(scan_method="faiss", **setting)
+        D, I = index.search(q, 5, params=params)
+        lists = index.stats.mean_lists_probed
+        batch_calls.clear()
+        single, single_lists = [], []
+        for i in range(len(q)):
+            single.append(index.search(q[i:i + 1], 5, params=params))
+            single_lists.append(index.stats.mean_lists_probed)
+        assert not batch_calls, "one query went through the batch path"
+        np.testing.assert_array_equal(np.vstack([s[1] for s in single]), I, err_msg=str(setting))
+        np.testing.assert_array_equal(np.vstack([s[0] for s in single]), D)
+        assert np.mean(single_lists) == pytest.approx(lists) and index.stats.n_queries == 1
+    assert np.isin(I, np.arange(10 ** 6, 10 ** 6 + 50)).any()  # the buffer's keys were found
+
+
 def test_big_batches_are_searched_in_blocks_and_big_adds_in_blocks(synthetic, trained, monkeypatch):
     """Memory stays bounded: a batch is routed a block of rows at a time and keys are added a block at
     a time; the answers and the lists are those of one whole call."""
