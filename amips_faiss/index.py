@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import keystore, probing
-from .confidence import Calibration
+from .confidence import FIRST_ROUNDS, Calibration, cheapest_first_round
 from .fitting import build_training_set, fit_router, proxy_queries
 from .locking import ReadWriteLock
 from .nn import model_from_config
@@ -277,7 +277,27 @@ class IndexAMIPS:
             self._trained_fingerprints = keystore.fingerprints(keys)
             self._flush_known()
             self._settings.target_recall = target_recall if self._calibration_queries is not None else None
+            if self._calibration_queries is not None:
+                self._choose_first_round(target_recall)
         return self
+
+    def _choose_first_round(self, target_recall: float) -> None:
+        """Set ``nprobe`` to the first-round size that reaches ``target_recall`` on the calibration
+        queries at the lowest expected cost (``confidence.cheapest_first_round``); record the
+        candidates' expected lists and rounds in ``train_summary["first_round"]``."""
+        p = self._merge(None)
+        candidates = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a candidate out of reach is simply not chosen
+            for nprobe in [n for n in FIRST_ROUNDS if n <= p.max_nprobe]:
+                candidates[nprobe] = self._calibration(target_recall, replace(p, nprobe=nprobe))
+        chosen = cheapest_first_round(candidates, target_recall)
+        self._settings.nprobe = chosen or 1
+        self._resolved = {}
+        self._train_summary["first_round"] = {
+            "nprobe": self._settings.nprobe, "target_recall": target_recall,
+            "candidates": {str(n): {"lists": round(c.lists, 2), "rounds": round(c.rounds, 2), "recall": round(c.recall, 4)}
+                           for n, c in candidates.items()}}
 
     def refit(self, queries: np.ndarray | None = None, config: TrainConfig | None = None, **options) -> "IndexAMIPS":
         """Retrain the router on all stored keys (buffer included), then move the buffered keys into

@@ -34,6 +34,8 @@ from amips_faiss.targets import split_queries, support_values
 
 LEVELS = (0.90, 0.95, 0.99)
 SERVING_LEVEL = 0.95
+# graph search widths: fine where HNSW crosses 0.90-0.99 (a coarse grid would overstate its cost there)
+EF_SWEEP = (16, 24, 32, 40, 48, 64, 80, 96, 128, 192, 256, 512, 1024)
 PEERS = ("exact", "faiss IVFFlat", "faiss HNSW32", "hnswlib", "ScaNN")  # method names start with these
 
 
@@ -65,38 +67,52 @@ class Bench:
         self.searches[method, setting] = search
         return point
 
-    def serving(self, threads: int, n_single: int = 300, batch: int = 16) -> list[dict]:
-        """For each method, its fastest setting at match rate >= SERVING_LEVEL, timed one query per
-        call, ``batch`` per call (latency p50/p99 µs per call) and as a whole batch on 2 threads."""
-        rows = []
-        for method in dict.fromkeys(p["method"] for p in self.points if p["method"] != "oracle router"):
-            reached = [p for p in self.points if p["method"] == method and p["match_rate"] >= SERVING_LEVEL]
-            if not reached:
-                continue
-            point = max(reached, key=lambda p: p["qps"])
-            search = self.searches[method, point["setting"]]
-            row = {"method": method, "setting": point["setting"], "match_rate": point["match_rate"],
-                   "qps_1_thread": point["qps"]}
-            for size, name in ((1, "batch1"), (batch, f"batch{batch}")):
-                calls = [self.test[lo:lo + size] for lo in range(0, min(len(self.test), n_single * size), size)]
+    def serving(self, threads: int, n_single: int = 300, batch: int = 16, candidates: int = 3) -> list[dict]:
+        """Per method, latency p50/p99 (µs per call) one query per call and ``batch`` per call at
+        match rate >= SERVING_LEVEL, and QPS of a whole batch on 2 threads.
+
+        A method's ``candidates`` fastest batch settings reaching the level are all timed, call by
+        call in turn with every other method's (noise from neighbours hits all alike), and each
+        size reports its lowest-p50 setting: the best setting for a big batch (more lists, fewer
+        rounds) need not be the best for one query."""
+        chosen = {}  # method → its settings reaching the level, fastest batch first
+        for point in sorted(self.points, key=lambda p: -p["qps"]):
+            if point["method"] != "oracle router" and point["match_rate"] >= SERVING_LEVEL:
+                settings = chosen.setdefault(point["method"], [])
+                if len(settings) < candidates:
+                    settings.append(point)
+        rows = {method: {"method": method, "setting": points[0]["setting"], "match_rate": points[0]["match_rate"],
+                         "qps_1_thread": points[0]["qps"]} for method, points in chosen.items()}
+        for size, name in ((1, "batch1"), (batch, f"batch{batch}")):
+            calls = [self.test[lo:lo + size] for lo in range(0, min(len(self.test), n_single * size), size)]
+            runs = [(point, self.searches[point["method"], point["setting"]]) for points in chosen.values()
+                    for point in points]
+            times = [[] for _ in runs]
+            top = [[] for _ in runs]
+            for _, search in runs:
                 search(calls[0])  # warm: first-call costs (calibration cache, lazy maps) are not latency
-                times, top = [], []
-                for x in calls:
+            for x in calls:
+                for j, (_, search) in enumerate(runs):
                     t = time.perf_counter()
-                    top.append(search(x)[1][:, 0])
-                    times.append(time.perf_counter() - t)
-                served = np.concatenate(top)  # the same setting must give the batch run's answers
-                row[f"{name}_match_rate"] = match_rate(found_scores(self.keys, self.test[:len(served)], served),
-                                                       self.exact[:len(served)])
-                row[f"{name}_p50_us"] = float(np.median(times) * 1e6)
-                row[f"{name}_p99_us"] = float(np.percentile(times, 99) * 1e6)
-            af.set_num_threads(2)
-            try:
+                    top[j].append(search(x)[1][:, 0])
+                    times[j].append(time.perf_counter() - t)
+            for j, (point, _) in enumerate(runs):
+                row, p50 = rows[point["method"]], float(np.median(times[j]) * 1e6)
+                if row.get(f"{name}_p50_us", math.inf) <= p50:
+                    continue
+                served = np.concatenate(top[j])  # the same setting must give the batch run's answers
+                row.update({f"{name}_setting": point["setting"], f"{name}_p50_us": p50,
+                            f"{name}_p99_us": float(np.percentile(times[j], 99) * 1e6),
+                            f"{name}_match_rate": match_rate(found_scores(self.keys, self.test[:len(served)], served),
+                                                             self.exact[:len(served)])})
+        af.set_num_threads(2)
+        try:
+            for method, row in rows.items():
+                search = self.searches[method, row["setting"]]
                 row["qps_2_threads"] = len(self.test) / timed(search, self.test, self.repeats)[0]
-            finally:
-                af.set_num_threads(threads)
-            rows.append(row)
-        return rows
+        finally:
+            af.set_num_threads(threads)
+        return list(rows.values())
 
 
 def blas_exact(keys: np.ndarray, k: int):
@@ -186,7 +202,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     ivf.add(keys)
     ivf_bytes = memory_bytes(ivf)
     sweep = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist]
-    for p in tqdm(sweep, desc="IVF sweep", leave=False):
+    ivf_sweep = sorted({q for p in sweep for q in (p, p * 3 // 2) if 0 < q <= nlist})  # finer: IVF at its best
+    for p in tqdm(ivf_sweep, desc="IVF sweep", leave=False):
         bench.measure("faiss IVFFlat", f"nprobe={p}",  # every search binds its own settings: serving reruns it
                       lambda x, p=p: ivf.search(x, 10, params=faiss.SearchParametersIVF(nprobe=p)), lists=p,
                       memory_bytes=ivf_bytes)
@@ -248,7 +265,7 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
 
 
 def _hnsw(bench, name, keys, transform, metric, threads):
-    """faiss HNSW32 over ``keys`` (queries mapped by ``transform``), efSearch 16 … 1024."""
+    """faiss HNSW32 over ``keys`` (queries mapped by ``transform``), efSearch over ``EF_SWEEP``."""
     af.set_num_threads(2)
     t = time.perf_counter()
     hnsw = faiss.IndexHNSWFlat(keys.shape[1], 32, metric)
@@ -256,7 +273,7 @@ def _hnsw(bench, name, keys, transform, metric, threads):
     hnsw.add(keys)
     built = time.perf_counter() - t
     af.set_num_threads(threads)
-    for ef in tqdm((16, 32, 64, 128, 256, 512, 1024), desc=f"{name} sweep", leave=False):
+    for ef in tqdm(EF_SWEEP, desc=f"{name} sweep", leave=False):
         params = faiss.SearchParametersHNSW(efSearch=ef)
         bench.measure(name, f"efSearch={ef}", lambda x, params=params: hnsw.search(transform(x), 10, params=params),
                       build_seconds=built, memory_bytes=memory_bytes(hnsw))
@@ -301,7 +318,7 @@ def _optional_peers(bench, keys, threads):
         g.add_items(keys)
         built = time.perf_counter() - t
         g.set_num_threads(threads)
-        for ef in (16, 32, 64, 128, 256, 512, 1024):
+        for ef in EF_SWEEP:
             def search(x, ef=ef):
                 g.set_ef(ef)
                 labels, dist = g.knn_query(x, 10)
@@ -362,13 +379,16 @@ def summary_table(points: list[dict], missing: dict | None = None) -> str:
 
 
 def serving_table(rows: list[dict]) -> str:
-    """Markdown: latency per call (p50 / p99) at batch 1 and 16, QPS on 1 and 2 threads."""
-    lines = [f"| method (setting at match ≥ {SERVING_LEVEL}) | batch 1: µs p50 / p99 | batch 16: µs per call p50 / p99 "
-             "| QPS 1 thread | QPS 2 threads (×) |", "|---|---|---|---|---|"]
+    """Markdown: latency per call (p50 / p99, and the setting that gave it) at batch 1 and 16, QPS of
+    a whole batch on 1 and 2 threads (at the batch's setting)."""
+    lines = [f"| method (batch setting at match ≥ {SERVING_LEVEL}) | batch 1: µs p50 / p99 (setting) "
+             "| batch 16: µs per call p50 / p99 (setting) | QPS 1 thread | QPS 2 threads (×) |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} ({r['setting']}) | {r['batch1_p50_us']:,.0f} / {r['batch1_p99_us']:,.0f} | "
-                     f"{r['batch16_p50_us']:,.0f} / {r['batch16_p99_us']:,.0f} | {r['qps_1_thread']:,.0f} | "
-                     f"{r['qps_2_threads']:,.0f} ({r['qps_2_threads'] / r['qps_1_thread']:.2f}) |")
+        lines.append(f"| {r['method']} ({r['setting']}) "
+                     f"| {r['batch1_p50_us']:,.0f} / {r['batch1_p99_us']:,.0f} ({r['batch1_setting']}) "
+                     f"| {r['batch16_p50_us']:,.0f} / {r['batch16_p99_us']:,.0f} ({r['batch16_setting']}) "
+                     f"| {r['qps_1_thread']:,.0f} | {r['qps_2_threads']:,.0f} ({r['qps_2_threads'] / r['qps_1_thread']:.2f}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,8 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from amips_faiss.confidence import (Calibration, calibrate_margin, critical_margins, gaps, margin_for_recall,
-                                    mean_lists, probe_schedule)
+from amips_faiss.confidence import (Calibration, calibrate_margin, cheapest_first_round, critical_margins, gaps,
+                                    margin_for_recall, mean_cost, probe_schedule)
 
 
 def test_probe_schedule_doubles_up_to_the_cap():
@@ -27,9 +27,9 @@ def test_blended_gap_moves_the_reference_towards_the_routers_first_forecast():
     assert gaps(next_scores, found, q_norm, first, 0.5)[1] > gaps(next_scores, found, q_norm, first, 0.0)[1]
 
 
-def test_mean_lists_counts_rounds_until_sure_and_the_fallback():
+def test_mean_cost_counts_lists_and_rounds_until_sure_and_the_fallback():
     round_gaps = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
-    assert mean_lists(round_gaps, 0.5, [2, 4, 8], fallback_lists=100) == (2 + 4 + 108) / 3
+    assert mean_cost(round_gaps, 0.5, [2, 4, 8], fallback_lists=100) == pytest.approx(((2 + 4 + 108) / 3, (1 + 2 + 4) / 3))
 
 
 def _simulate(tau, round_gaps, round_correct, fallback_correct):
@@ -101,3 +101,13 @@ def test_calibrate_margin_sends_exactly_the_wrong_first_rounds_to_the_fallback()
     never = calibrate_margin(route_scores, route_lists, cluster_values, q_norm, [1], np.zeros(n, bool), 0, 0.95,
                              blends=(0.0,))
     assert never.recall == 0.9 and never.margin == -np.inf
+
+
+def test_cheapest_first_round_weighs_rounds_against_lists_and_needs_the_target():
+    def cal(recall, lists, rounds):
+        return Calibration(0.0, 0.0, recall, lists=lists, rounds=rounds)
+    # 1 list first: 10 lists in 4 rounds (cost 22); 8 first: 12 lists in 1.5 rounds (16.5); 16 first misses
+    calibrations = {1: cal(0.95, 10.0, 4.0), 8: cal(0.95, 12.0, 1.5), 16: cal(0.94, 16.0, 1.0)}
+    assert cheapest_first_round(calibrations, 0.95) == 8
+    assert cheapest_first_round({**calibrations, 16: cal(0.96, 16.0, 1.0)}, 0.95) == 8  # 19 > 16.5
+    assert cheapest_first_round({1: cal(0.9, 5.0, 1.0)}, 0.95) is None

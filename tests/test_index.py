@@ -8,6 +8,7 @@ import pytest
 
 import amips_faiss as af
 from amips_faiss import probing
+from amips_faiss.confidence import ROUND_COST_LISTS
 from amips_faiss.metrics import found_scores, match_rate
 from amips_faiss.routing import Router
 
@@ -110,6 +111,20 @@ def test_target_recall_is_met_with_fewer_lists_than_centroid_routing(synthetic, 
     needed = next(p for p in range(1, NLIST + 1) if _match(
         synthetic, centroid.search(synthetic["test"], 1, params=af.SearchParametersAMIPS(nprobe=p, margin=FIXED))[1]) >= target)
     assert lists_used < needed
+
+
+def test_train_picks_the_cheapest_first_round_on_calibration_queries(synthetic, trained):
+    """nprobe after train: the first-round size reaching the target on the calibration queries at
+    the fewest lists + ROUND_COST_LISTS · rounds; its expected lists are what test queries cost."""
+    index = trained("supportnet", synthetic)
+    summary = index.train_summary["first_round"]
+    costs = {int(n): c["lists"] + ROUND_COST_LISTS * c["rounds"]
+             for n, c in summary["candidates"].items() if c["recall"] >= 0.95}
+    assert index.nprobe == summary["nprobe"] == min(costs, key=costs.get) and len(summary["candidates"]) >= 4
+    _, I = index.search(synthetic["test"], 1)
+    assert _match(synthetic, I) >= 0.95 - 3 * math.sqrt(0.95 * 0.05 / len(I))
+    assert index.stats.mean_lists_probed == pytest.approx(summary["candidates"][str(index.nprobe)]["lists"], rel=0.3)
+    assert copy_of(index).nprobe == index.nprobe  # saved with the index
 
 
 def test_fallback_ivf_and_none_are_calibrated_per_setting(synthetic, trained):
