@@ -49,7 +49,8 @@ class SearchParametersAMIPS:
     """Search settings; a field left None takes the index's attribute of the same name (which an
     index keeps for every field). Numbers of lists above nlist mean nlist, as in faiss.
 
-    nprobe: lists probed in the first round. max_nprobe: lists after which an unsure query goes to
+    nprobe: lists probed in the first round (an index's own is set by ``train``: the size reaching
+    the target on the calibration queries at the lowest expected cost). max_nprobe: lists after which an unsure query goes to
     the fallback (rounds double nprobe up to it). target_recall: the match rate (recall@1) to reach,
     via the margin calibrated on held-out queries (None on the index: probe a fixed ``nprobe``
     lists, as faiss IVF does). margin: an explicit confidence margin τ that overrides
