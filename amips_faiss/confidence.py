@@ -96,8 +96,9 @@ def mean_cost(round_gaps: np.ndarray, tau, ends: list[int], fallback_lists: int)
 # First-round sizes (nprobe) tried when an index picks its own, and what a round costs in lists:
 # measured one query per call (one thread), a round's fixed cost (route slice, faiss call, merge,
 # test) is ~25 µs against ~9 µs per Debian list (122 keys × 384-d) and ~4 µs per GloVe list; in
-# big batches rounds cost less. With 3, the calibration picks nprobe 8 on Debian and 16 on GloVe,
-# the settings with the lowest measured p50 latency and among the best batch QPS there.
+# big batches rounds cost less. With 3, the calibration picked nprobe 8 on a 488-list Debian index
+# and 16 on GloVe, the settings with the lowest measured p50 latency there, and 4 on the 977-list
+# Debian index of benchmarks/run.py (0.91x the best batch QPS of its sweep; GloVe's 16: 0.94x).
 FIRST_ROUNDS = (1, 2, 4, 8, 16, 32)
 ROUND_COST_LISTS = 3.0
 

@@ -49,10 +49,10 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     faiss release the GIL while they work): the second core works on other queries instead of
     splitting small per-list products. Small batches run as one."""
     n = len(xq)
-    threads = max(1, min(n_threads, n // PARALLEL_MIN_QUERIES))
-    n_blocks = max(threads, -(-n // block_rows(ivf.nlist)))
     if n == 1 and p.sel is None:
         return search_one(ivf, router, buffer, xq, k, p, centroids, calibration)
+    threads = max(1, min(n_threads, n // PARALLEL_MIN_QUERIES))
+    n_blocks = max(threads, -(-n // block_rows(ivf.nlist)))
     if n_blocks < 2:
         return search(ivf, router, buffer, xq, k, p, centroids, calibration)
     start = time.perf_counter()
@@ -135,8 +135,8 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
             router_seconds += time.perf_counter() - t
             if first_scores is None:
                 first_scores = route_scores[:, 0].astype(np.float64)
-                margins = calibration.margins_for(first_scores / np.maximum(q_norm, 1e-30)) \
-                    if calibration is not None and calibration.edges else np.full(n, p.margin)
+                margins = np.broadcast_to(calibration.margins_for(first_scores / np.maximum(q_norm, 1e-30))
+                                          if calibration else p.margin, n)
             probed[active] += scan(active, route_lists[:, begin:end],
                                    router.coarse_distances(route_scores[:, begin:end]))
             rounds += 1
