@@ -131,7 +131,8 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
         probed_lists = np.zeros((n, 0), np.int64)  # lists probed so far by the active rows
         for end in ends:
             t = time.perf_counter()
-            route_scores, route_lists = rank(active, min(end + 1, nlist))
+            # every row is active in the first round: a slice ranks the scores in place, uncopied
+            route_scores, route_lists = rank(active if rounds else slice(None), min(end + 1, nlist))
             router_seconds += time.perf_counter() - t
             if first_scores is None:
                 first_scores = route_scores[:, 0].astype(np.float64)
