@@ -6,12 +6,14 @@ from amips_faiss.nn import KeyNet, SupportNet
 from amips_faiss.routing import CentroidRouter, KeyNetProjectionRouter, SupportNetRouter, make_router, top_lists
 
 
-@pytest.mark.parametrize("n_lists", [5, 40])  # ≤ 12: torch.topk; more: numpy partition
-def test_top_lists_with_ties_returns_distinct_lists_with_the_best_scores(n_lists):
+# torch.topk for up to max(12, nlist/40) lists in a batch, numpy's partition beyond, 1-D for one row
+@pytest.mark.parametrize("n_rows, nlist, n_lists", [(300, 60, 5), (300, 60, 40), (100, 2000, 30), (100, 2000, 60),
+                                                    (1, 2000, 30)])
+def test_top_lists_with_ties_returns_distinct_lists_with_the_best_scores(n_rows, nlist, n_lists):
     rng = np.random.default_rng(0)
-    scores = rng.integers(0, 4, size=(300, 60)).astype(np.float32)  # ties everywhere
+    scores = rng.integers(0, 4, size=(n_rows, nlist)).astype(np.float32)  # ties everywhere
     s, lists = top_lists(scores, n_lists)
-    assert s.shape == lists.shape == (300, n_lists) and lists.dtype == np.int64
+    assert s.shape == lists.shape == (n_rows, n_lists) and lists.dtype == np.int64
     np.testing.assert_array_equal(s, -np.sort(-scores, axis=1)[:, :n_lists])  # the best scores, descending
     np.testing.assert_array_equal(np.take_along_axis(scores, lists, axis=1), s)  # lists hold them
     assert all(len(set(row)) == n_lists for row in lists)  # no list twice
