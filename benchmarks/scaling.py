@@ -59,7 +59,8 @@ def measure_point(name: str, n_keys: int, d: int, n_train: int, n_test: int, lin
     start = time.perf_counter()
     index.train(keys, train_q)
     row.update(nlist=nlist, train_s=round(time.perf_counter() - start, 1),
-               phase_s=index.train_summary["phase_seconds"], train_steps=index.train_summary["steps"])
+               phase_s=index.train_summary["phase_seconds"], train_steps=index.train_summary["steps"],
+               linear_rank=index.router.model.linear_rank)  # the one used (None asks for the default rule)
     start = time.perf_counter()
     index.add(keys)
     row["add_s"] = round(time.perf_counter() - start, 1)
