@@ -29,7 +29,8 @@ class FakeRunner:
 @pytest.mark.parametrize("metric", ["angular", "euclidean", "ip"])
 def test_the_harness_gets_the_nearest_neighbours_of_its_metric(metric):
     keys, queries = make_clustered(3000, 300, 16, n_clusters=8, seed=5)
-    runner = FakeRunner(AMIPS(metric, router="linear", nlist=32, train_seconds=5), keys, queries[:100], 10)
+    # training ends by its steps, not the clock: a loaded CI machine must not get a weaker router
+    runner = FakeRunner(AMIPS(metric, router="linear", nlist=32, train_seconds=120), keys, queries[:100], 10)
     results = runner.run([(1.0, 1), (0.9, 4)])  # 1.0: never sure, the exact fallback for every query
     if metric == "euclidean":
         truth = faiss.IndexFlatL2(16)
