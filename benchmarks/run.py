@@ -126,6 +126,14 @@ class Bench:
         return list(rows.values())
 
 
+def on_same_lists(index: af.IndexAMIPS, router: str) -> af.IndexAMIPS:
+    """A new IndexAMIPS with ``router`` over an empty copy of ``index``'s trained lists (the same
+    k-means), so that routers are compared on identical lists; train and add as usual."""
+    lists = faiss.clone_index(index.ivf)
+    lists.reset()
+    return af.IndexAMIPS.from_ivf(lists, router=router)
+
+
 def blas_exact(keys: np.ndarray, k: int):
     """Exact top-k by a plain BLAS product and a partial sort (``probing.brute_force``)."""
     ids = np.arange(len(keys), dtype=np.int64)
@@ -199,10 +207,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
     for router in routers:
         af.set_num_threads(2)
         t = time.perf_counter()
-        if indexes:  # same lists for every router: an empty copy of the first index's trained lists
-            lists = faiss.clone_index(next(iter(indexes.values())).ivf)
-            lists.reset()
-            index = af.IndexAMIPS.from_ivf(lists, router=router)
+        if indexes:  # same lists for every router
+            index = on_same_lists(next(iter(indexes.values())), router)
         else:
             index = af.IndexAMIPS(d, nlist, router=router)
         index.train(keys, train_q, steps=steps, time_limit=time_limit, seed=seed)

@@ -23,7 +23,6 @@ import math
 import os
 import time
 
-import faiss
 import numpy as np
 
 import amips_faiss as af
@@ -32,7 +31,7 @@ from amips_faiss.metrics import found_scores, match_rate
 from amips_faiss.targets import split_queries, support_values
 
 from .hybrid import load_docs
-from .run import timed
+from .run import on_same_lists, timed
 
 NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
@@ -77,9 +76,7 @@ def main(argv=None) -> None:
     for router in ("supportnet", "centroid"):
         start = time.perf_counter()
         if indexes:  # the same lists for both routers
-            lists = faiss.clone_index(indexes["supportnet"].ivf)
-            lists.reset()
-            index = af.IndexAMIPS.from_ivf(lists, router=router)
+            index = on_same_lists(indexes["supportnet"], router)
         else:
             index = af.IndexAMIPS(keys.shape[1], af.default_nlist(len(keys)), router=router)
         index.train(keys, train_q, seed=args.seed)
