@@ -59,7 +59,7 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     bounds = np.linspace(0, n, n_blocks + 1).astype(int)
 
     def run(lo: int, hi: int):
-        return search(ivf, router, buffer, xq[lo:hi], k, p, centroids, calibration)
+        return search(ivf, router, buffer, xq[lo:hi], k, p, centroids, calibration, threaded=threads > 1)
 
     if threads > 1:
         with threadpoolctl.threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
@@ -82,14 +82,15 @@ def block_rows(nlist: int) -> int:
 
 
 def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
-           centroids: np.ndarray, calibration: confidence.Calibration | None = None
+           centroids: np.ndarray, calibration: confidence.Calibration | None = None, threaded: bool = False
            ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """The k best keys of ``xq [n, d] float32`` by probe rounds over ``ivf``'s lists in ``router``
     order, plus an exact scan of ``buffer`` (keys the router has not seen).
 
     ``p``: resolved settings (every field set; ``margin`` and ``blend`` numbers). ``calibration``:
     where it has bins, each query's margin comes from its bin instead of ``p.margin``. ``centroids
-    [nlist, d]``: needed to scan compressed lists by residual.
+    [nlist, d]``: needed to scan compressed lists by residual. ``threaded``: other threads search
+    other queries meanwhile (``scan.scan_plan``).
     The caller keeps the index unchanged meanwhile (the lists are read in place).
     """
     start_time = time.perf_counter()
@@ -114,7 +115,7 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
         if listed:
             lists = listed.drop_empty(lists)
         merge_into(D, I, rows, *scan_plan(ivf, xq[rows], k, lists, coarse, centroids, p.scan_method, scan_views,
-                                          listed.selector if listed else None))
+                                          listed.selector if listed else None, threaded))
         return (lists >= 0).sum(axis=1)
 
     try:

@@ -2,6 +2,8 @@ import faiss
 import numpy as np
 import pytest
 
+from amips_faiss import scan
+
 from amips_faiss.scan import (EMPTY_SCORE, FlatListViews, scan_blas_by_list, scan_blas_dense, scan_faiss,
                               scan_plan)
 
@@ -65,3 +67,25 @@ def test_flat_list_views_load_only_the_planned_lists_and_are_released(synthetic,
     assert sum(k is not None for k in keys) == 1 + (sizes[0] > 0) and len(views._pointers) == 1 + (sizes[0] > 0)
     views.release()
     assert views._pointers == [] and all(k is None for k in views(np.zeros((1, 0), np.int64))[0])
+
+
+def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch):
+    """"auto" scans a plan with many queries per list by BLAS list by list on one thread, and by
+    faiss (no Python loop holding the GIL) when other threads scan meanwhile; the answers agree."""
+    rng = np.random.default_rng(0)
+    d, nlist = 128, 8
+    keys = rng.standard_normal((2000, d)).astype(np.float32)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(keys)
+    ivf.add(keys)
+    xq = rng.standard_normal((64, d)).astype(np.float32)
+    lists = np.stack([np.arange(64) % nlist, (np.arange(64) + 1) % nlist], axis=1)  # 16 pairs per list, 1/4 dense
+    used = []
+    for name in ("scan_faiss", "scan_blas_by_list", "scan_blas_dense"):
+        real = getattr(scan, name)
+        monkeypatch.setattr(scan, name, lambda *a, _real=real, _name=name, **kw: used.append(_name) or _real(*a, **kw))
+    D_one, I_one = scan.scan_plan(ivf, xq, 5, lists)
+    D_threaded, I_threaded = scan.scan_plan(ivf, xq, 5, lists, threaded=True)
+    assert used == ["scan_blas_by_list", "scan_faiss"]
+    np.testing.assert_allclose(D_threaded, D_one, rtol=1e-5, atol=1e-5)
+    assert (I_threaded[:, 0] == I_one[:, 0]).mean() > 0.98
