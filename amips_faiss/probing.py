@@ -114,8 +114,10 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     def scan(rows, lists, coarse):
         if listed:
             lists = listed.drop_empty(lists)
+        floor = D[rows, k - 1]  # the k-th best so far: what a new key must beat
         merge_into(D, I, rows, *scan_plan(ivf, xq[rows], k, lists, coarse, centroids, p.scan_method, scan_views,
-                                          listed.selector if listed else None, threaded))
+                                          listed.selector if listed else None, threaded,
+                                          np.where(floor > EMPTY_SCORE, floor, -np.inf)))
         return (lists >= 0).sum(axis=1)
 
     try:

@@ -47,6 +47,26 @@ def test_exact_fallback_at_zero_confidence_is_exact_search(synthetic, trained, r
     assert index.stats.fallback_share == 1.0
 
 
+@pytest.mark.parametrize("filtered", [False, True])
+def test_every_scan_method_gives_the_same_rounds_and_answers(synthetic, trained, filtered):
+    """Later rounds scanned by BLAS above each query's floor (or list by list) give faiss's
+    answers and lists, with and without a filter."""
+    index = trained("supportnet", synthetic)
+    q = synthetic["test"][:400]
+    sel = faiss.IDSelectorBatch(np.arange(0, len(synthetic["keys"]), 2)) if filtered else None
+    results = {}
+    for method in ("faiss", "blas", "auto"):
+        params = af.SearchParametersAMIPS(nprobe=1, max_nprobe=16, margin=-math.inf, fallback="exact",
+                                          scan_method=method, sel=sel)
+        results[method] = index.search(q, 10, params=params), index.stats.mean_lists_probed
+    (D_ref, I_ref), lists_ref = results.pop("faiss")
+    if filtered:
+        assert (I_ref % 2 == 0).all()
+    for (D_m, I_m), lists in results.values():
+        np.testing.assert_allclose(D_m, D_ref, rtol=1e-5, atol=1e-5)
+        assert np.mean(I_m == I_ref) > 0.999 and lists == lists_ref
+
+
 def test_target_recall_one_with_exact_fallback_is_exact_search(synthetic, trained):
     """A target no calibration sample can certify means "never sure": all queries fall back."""
     index = trained("supportnet", synthetic)

@@ -89,3 +89,31 @@ def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch)
     assert used == ["scan_blas_by_list", "scan_faiss"]
     np.testing.assert_allclose(D_threaded, D_one, rtol=1e-5, atol=1e-5)
     assert (I_threaded[:, 0] == I_one[:, 0]).mean() > 0.98
+
+
+@pytest.mark.parametrize("fold_every", [None, 50])
+def test_scan_above_the_floor_completes_the_top_k(synthetic, trained, monkeypatch, fold_every):
+    """A later round scanned with each query's floor (its k-th best after the first lists), merged
+    with the first round, gives faiss's answer over all lists; keys at or below the floor are left
+    out. Also when the survivors are folded in as they come (bounded memory), and for a query with
+    no floor (−inf: everything passes)."""
+    from amips_faiss.probing import merge_into
+    if fold_every:
+        monkeypatch.setattr(scan, "_MAX_CANDIDATES", fold_every)
+    index = trained("centroid", synthetic)
+    xq, k = synthetic["test"][:300], 10
+    _, lists = index.router.route(xq, 12)
+    lists[::5, 9:] = -1
+    coarse = np.zeros(lists.shape, np.float32)
+    D_all, _ = scan_faiss(index.ivf, xq, k, lists, coarse)
+    D, I = scan_faiss(index.ivf, xq, k, lists[:, :2], coarse[:, :2])
+    floor = D[:, -1].copy()
+    floor[0] = -np.inf
+    D_above, I_above = scan.scan_blas_above(index.ivf, xq, k, lists[:, 2:], floor)
+    passed = D_above > EMPTY_SCORE
+    assert (D_above[passed] > np.repeat(floor, k).reshape(-1, k)[passed]).all() and passed[0].all()
+    assert (np.diff(D_above, axis=1) <= 0).all() and ((I_above >= 0) == passed).all()
+    merge_into(D, I, np.arange(len(xq)), D_above, I_above)
+    np.testing.assert_allclose(D, D_all, rtol=1e-5, atol=1e-4)
+    keys = synthetic["keys"]
+    np.testing.assert_allclose(np.einsum("nd,nkd->nk", xq, keys[I]), D, rtol=1e-4, atol=1e-4)  # ids match scores
