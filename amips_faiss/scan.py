@@ -223,8 +223,9 @@ def _above(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray, flo
             continue
         queries = query_of[bounds[i]:bounds[i + 1]]
         scores = keys[i] @ x_t[:, queries]  # [list size, queries]
-        r, c = np.nonzero(scores > floor[queries])
-        if len(r):
+        above = scores > floor[queries]
+        if above.any():  # most lists of a later round hold none: cheaper than nonzero
+            r, c = np.nonzero(above)
             hits[0].append(queries[c])
             hits[1].append(scores[r, c])
             hits[2].append(ids[i][r])
