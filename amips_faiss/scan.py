@@ -213,7 +213,7 @@ def _above(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray, flo
     order = np.argsort(flat, kind="stable")  # pairs grouped by list; the −1s come first and are skipped
     bounds = np.searchsorted(flat[order], np.arange(len(keys) + 1))
     query_of = order // p
-    x_t = np.ascontiguousarray(xq.T)  # keys @ x_tᵀ-columns: the faster operand order in OpenBLAS
+    x_t = np.ascontiguousarray(xq.T)  # [d, n]: keys @ x_t[:, queries] is the faster order in OpenBLAS
     floor = floor.astype(np.float32)  # a copy: raised as results are folded in
     D = np.full((n, k), EMPTY_SCORE, np.float32)
     I = np.full((n, k), -1, np.int64)

@@ -245,9 +245,10 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
                                   lambda x, index=index, params=params: index.search(x, 10, params=params),
                                   lists=p, build_seconds=build[router], memory_bytes=index_bytes)
             point["router_us"] = index.stats.router_seconds_per_query * 1e6
-        # 0.97: a user who needs 0.95 *measured* on few queries asks for a little more (σ ≈ 0.007 at
-        # 1,000 quick test queries); 0.995 runs to the fallback, too slow for --quick
-        for target in (0.9, 0.95, 0.97, 0.99) if quick else (0.9, 0.95, 0.97, 0.99, 0.995):
+        # 0.96 / 0.97 / 0.992: a user who needs 0.95 or 0.99 *measured* asks for a little more (the
+        # test match rate scatters ±σ around the target: σ ≈ 0.003 at 5,000 test queries, 0.007 at
+        # 1,000 quick ones); 0.995 runs to the fallback, too slow for --quick
+        for target in (0.9, 0.95, 0.97, 0.99) if quick else (0.9, 0.95, 0.96, 0.97, 0.99, 0.992, 0.995):
             for nprobe in (1, 2, 4, 8, 16, 32):
                 params = af.SearchParametersAMIPS(nprobe=nprobe, target_recall=target, fallback="exact",
                                                   max_nprobe=max(nprobe, nlist // 4))
