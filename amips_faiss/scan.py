@@ -31,8 +31,8 @@ when the plan holds at least ``BY_LIST_PAIRS_PER_LIST`` pairs per touched list (
 has ``BY_LIST_MIN_DIM`` dimensions or more) and not ``threaded``, or is dense; else faiss.
 ``threaded``: other threads search other queries meanwhile. The by-list scans' Python loop
 (several numpy calls per list) then waits on the GIL, while faiss's loop runs in C++: Debian, target
-0.95, 5,000 queries, two threads against the best one-thread QPS (9 alternations, medians): by-list
-first round 1.26–1.34×, faiss's scan 1.55–1.58×.
+0.95, 5,000 queries, two threads against the best one-thread QPS (7–9 alternations, medians): first
+round of 4 lists by-list 1.26–1.34×, faiss's scan 1.52–1.58×; of 8 lists 1.03× and 1.35×.
 
 The BLAS scans read the lists in place through ``FlatListViews``: pointers into faiss's memory,
 valid while the index is not modified (``IndexAMIPS`` holds its read lock for the whole search) and
