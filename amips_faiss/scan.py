@@ -197,6 +197,16 @@ def _by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -
     return D, I
 
 
+def _pairs_by_list(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The plan's (query, list) pairs grouped by list: ``order`` of the flattened ``lists [n, p]``
+    (stable; the −1s come first and are skipped), ``bounds [nlist + 1]`` (list i's pairs are
+    ``order[bounds[i]:bounds[i + 1]]``) and the query of each grouped pair."""
+    flat = lists.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(nlist + 1))
+    return order, bounds, order // lists.shape[1]
+
+
 def scan_blas_above(ivf, xq: np.ndarray, k: int, lists: np.ndarray, floor: np.ndarray,
                     views: FlatListViews | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Flat lists only: the k best keys of each query among its lists that score above its ``floor
@@ -208,11 +218,8 @@ def scan_blas_above(ivf, xq: np.ndarray, k: int, lists: np.ndarray, floor: np.nd
 
 def _above(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray, floor: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray]:
-    n, p = lists.shape
-    flat = lists.reshape(-1)
-    order = np.argsort(flat, kind="stable")  # pairs grouped by list; the −1s come first and are skipped
-    bounds = np.searchsorted(flat[order], np.arange(len(keys) + 1))
-    query_of = order // p
+    n = len(lists)
+    _, bounds, query_of = _pairs_by_list(lists, len(keys))
     x_t = np.ascontiguousarray(xq.T)  # [d, n]: keys @ x_t[:, queries] is the faster order in OpenBLAS
     floor = floor.astype(np.float32)  # a copy: raised as results are folded in
     D = np.full((n, k), EMPTY_SCORE, np.float32)
@@ -244,10 +251,10 @@ def _fold(D: np.ndarray, I: np.ndarray, floor: np.ndarray, hits: tuple) -> None:
     if not hits[0]:
         return
     n, k = D.shape
-    held = D > EMPTY_SCORE
-    query = np.concatenate([np.nonzero(held)[0]] + hits[0])
-    score = np.concatenate([D[held]] + hits[1])
-    ids = np.concatenate([I[held]] + hits[2])
+    found = D > EMPTY_SCORE
+    query = np.concatenate([np.nonzero(found)[0]] + hits[0])
+    score = np.concatenate([D[found]] + hits[1])
+    ids = np.concatenate([I[found]] + hits[2])
     for h in hits:
         h.clear()
     order = np.lexsort((-score, query))  # by query, then score descending; stable
@@ -311,10 +318,7 @@ def _dense(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> 
 
 def _by_list_block(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, p = lists.shape
-    flat = lists.reshape(-1)
-    order = np.argsort(flat, kind="stable")  # pairs grouped by list; the −1s come first and are skipped
-    bounds = np.searchsorted(flat[order], np.arange(len(keys) + 1))
-    query_of = order // p
+    order, bounds, query_of = _pairs_by_list(lists, len(keys))
     pair_D = np.full((n * p, k), EMPTY_SCORE, np.float32)  # each pair's k best, in list order
     pair_I = np.full((n * p, k), -1, np.int64)
     rows = np.arange(n)[:, None]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from amips_faiss import scan
-
+from amips_faiss.probing import merge_into
 from amips_faiss.scan import (EMPTY_SCORE, FlatListViews, scan_blas_by_list, scan_blas_dense, scan_faiss,
                               scan_plan)
 
@@ -97,7 +97,6 @@ def test_scan_above_the_floor_completes_the_top_k(synthetic, trained, monkeypatc
     with the first round, gives faiss's answer over all lists; keys at or below the floor are left
     out. Also when the survivors are folded in as they come (bounded memory), and for a query with
     no floor (−inf: everything passes)."""
-    from amips_faiss.probing import merge_into
     if fold_every:
         monkeypatch.setattr(scan, "_MAX_CANDIDATES", fold_every)
     index = trained("centroid", synthetic)
