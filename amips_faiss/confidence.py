@@ -45,6 +45,15 @@ def gaps(next_scores: np.ndarray, found: np.ndarray, q_norm: np.ndarray, first_s
     return g
 
 
+def gap(next_score: float, found: float, q_norm: float, first_score: float = 0.0, blend: float = 0.0) -> float:
+    """``gaps`` for one query, on Python floats: a single-query search pays ~1 µs for it instead of
+    ~9 µs for the array version's small-array calls."""
+    if found == -math.inf:
+        return math.inf if next_score != -math.inf else -math.inf
+    reference = (1.0 - blend) * found + blend * first_score if blend else found
+    return (next_score - reference) / max(q_norm, 1e-30)
+
+
 def critical_margins(round_gaps: np.ndarray, round_correct: np.ndarray, fallback_correct: np.ndarray) -> np.ndarray:
     """Per calibration query, the margin τ*_q such that the search is right iff τ < τ*_q.
 

@@ -34,7 +34,10 @@ def main() -> None:
     def prepared(queries, values):
         scores, lists = index.router.route(queries, min(ends[-1] + 1, nlist))
         q_norm = np.linalg.norm(queries, axis=1)
-        features = {"support": scores[:, 0] / q_norm, "flat": (scores[:, 0] - scores[:, 1]) / q_norm}
+        found_first = np.take_along_axis(values, lists[:, :ends[0]].clip(0), axis=1).max(axis=1)
+        surprise = (found_first - scores[:, 0]) / q_norm
+        features = {"support": scores[:, 0] / q_norm, "flat": (scores[:, 0] - scores[:, 1]) / q_norm,
+                    "surprise": surprise, "abs_surprise": np.abs(surprise)}
         return (scores, lists, values, q_norm), features
 
     calibration = prepared(index._calibration_queries, index._calibration_values)
@@ -54,7 +57,8 @@ def main() -> None:
             def replay(data):
                 return confidence.replay(*data, ends, np.ones(len(data[0]), bool), blend)
             critical = confidence.critical_margins(*replay(calibration[0]))
-            for feature, n_bins in (("global", 1), ("support", 2), ("support", 4), ("flat", 4)):
+            for feature, n_bins in (("global", 1), ("support", 4), ("flat", 4), ("surprise", 2), ("surprise", 4),
+                                    ("abs_surprise", 4)):
                 values = calibration[1]["support" if feature == "global" else feature]
                 edges = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
                 bins = np.searchsorted(edges, values)

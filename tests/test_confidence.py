@@ -3,7 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from amips_faiss.confidence import (Calibration, calibrate_margin, cheapest_first_round, critical_margins, gaps,
+from amips_faiss.confidence import (Calibration, calibrate_margin, cheapest_first_round, critical_margins, gap,
+                                    gaps,
                                     margin_for_recall, mean_cost, probe_schedule)
 
 
@@ -16,6 +17,19 @@ def test_probe_schedule_doubles_up_to_the_cap():
 def test_gaps_handle_missing_results_and_exhausted_lists():
     g = gaps(np.array([2.0, 1.0, -np.inf]), np.array([1.0, -np.inf, 5.0]), np.array([2.0, 1.0, 1.0]))
     assert g.tolist() == [0.5, np.inf, -np.inf]
+
+
+def test_the_one_query_gap_equals_the_batch_gaps():
+    rng = np.random.default_rng(0)
+    values = [-np.inf, -1.5, 0.0, 0.7, 3.0]
+    cases = list(itertools.product(values, values, [0.5, 2.0], [-1.0, 4.0], [0.0, 0.25]))
+    cases += [tuple(rng.normal(size=2)) + (float(rng.uniform(0.1, 3)), float(rng.normal()), 0.5) for _ in range(50)]
+    for next_score, found, q_norm, first, blend in cases:
+        batch = gaps(np.array([next_score], np.float32), np.array([found], np.float32), np.array([q_norm]),
+                     np.array([first]), blend)[0]
+        one = gap(float(np.float32(next_score)), float(np.float32(found)), q_norm, first, blend)
+        assert one == pytest.approx(batch, rel=1e-12, abs=0) or (np.isinf(one) and one == batch), \
+            (next_score, found, q_norm, first, blend)
 
 
 def test_blended_gap_moves_the_reference_towards_the_routers_first_forecast():
