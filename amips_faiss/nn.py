@@ -155,7 +155,7 @@ class SupportNet(nn.Module):
             outputs.append(s * positive(self.out_raw))
         outputs.append(s * positive(self.out_bias_raw)[:, None])
         return FrozenSupportNet(np.concatenate(inputs) if inputs else None, self.linear_rank or 0, hidden, biases,
-                                np.ascontiguousarray(np.concatenate(outputs, axis=1)), self.alpha, self.beta)
+                                np.concatenate(outputs, axis=1), self.alpha, self.beta)
 
     def config(self) -> dict:
         """The constructor arguments that rebuild this net (``model_from_config``)."""
@@ -173,13 +173,20 @@ class FrozenSupportNet:
     ||q||·(<w_m, x> + <A_m, z_L> + c_m) = <[q or qVᵀ, ||q||·z_L, ||q||], [s·w_m or s·U_m, s·A_m, s·c_m]>:
     a single ``[n, K] × [K, n_outputs]`` product writes the scores, with no pass over the
     ``[n, n_outputs]`` output for the bias, the norm or the scale. For inference only (no gradients).
+    The weights are kept transposed, ``[K, n_outputs]`` row-major, so BLAS reads them without a
+    transpose: for a few queries that is ~2× faster (977 outputs, K = 449, one thread: 16 queries
+    185 vs 339 µs, 4 queries 89 vs 246) and never slower (5,000 queries 42.5 vs 43.0 ms).
     """
 
     def __init__(self, inputs: np.ndarray | None, rank: int, hidden: list, biases: list,
                  outputs: np.ndarray, alpha: float, beta: float):
         """``inputs [rank + depth·width, dim]`` (None if empty), ``rank`` of the linear term's factors
         (0: full), ``hidden`` W_z ≥ 0 and ``biases`` b ≥ 0 per layer, ``outputs [n_outputs, K]``."""
-        self.inputs, self.rank, self.hidden, self.biases, self.outputs = inputs, rank, hidden, biases, outputs
+        transposed = lambda w: np.ascontiguousarray(w.T)  # noqa: E731
+        self.inputs_t = None if inputs is None else transposed(inputs)
+        self.hidden_t = [transposed(w) for w in hidden]
+        self.outputs_t = transposed(outputs)
+        self.rank, self.biases = rank, biases
         self.alpha, self.beta, self._soft = alpha, beta, (1.0 - alpha) / beta
 
     def _act(self, u: np.ndarray) -> np.ndarray:
@@ -199,8 +206,8 @@ class FrozenSupportNet:
         """``[n, dim] float32`` → ``[n, n_outputs] float32``; f(0) = 0."""
         norm = np.sqrt(np.einsum("ij,ij->i", q, q))[:, None]
         parts = [] if self.rank else [q]
-        if self.inputs is not None:
-            P = q @ self.inputs.T
+        if self.inputs_t is not None:
+            P = q @ self.inputs_t
             if self.rank:
                 parts.append(P[:, :self.rank])
             if self.biases:
@@ -211,12 +218,12 @@ class FrozenSupportNet:
                     at += len(b)
                     u += b
                     if layer:
-                        u += z @ self.hidden[layer - 1].T
+                        u += z @ self.hidden_t[layer - 1]
                     z = self._act(u)
                 z *= norm
                 parts.append(z)
         parts.append(norm)
-        return np.concatenate(parts, axis=1, dtype=np.float32) @ self.outputs.T
+        return np.concatenate(parts, axis=1, dtype=np.float32) @ self.outputs_t
 
 
 class KeyNet(nn.Module):

@@ -35,8 +35,8 @@ from .scan import EMPTY_SCORE, FlatListViews, is_flat, scan_plan
 BRUTE_FORCE_LISTS = 64
 PARALLEL_MIN_QUERIES = 256  # a batch is split across threads only into chunks at least this big
 SCORE_BLOCK_BYTES = 64 << 20  # router scores held at once by one block of a big batch
-# Batches up to this many queries rank every round's lists at once (one partial sort, not one per
-# round): most of them run several rounds, and a round's fixed cost is what a small batch pays.
+# In batches up to this many queries a row's later rounds are ranked at once, when its second round
+# comes (``_rank_rest_once``): a round's fixed cost is what a small batch pays.
 PLAN_ONCE_ROWS = 32
 
 
@@ -123,9 +123,8 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     try:
         router_seconds = -time.perf_counter()
         rank = router.ranker(xq)  # scores the batch once; each round ranks its active rows
-        if n <= PLAN_ONCE_ROWS:  # a small batch: every round's order in one ranking, sliced per round
-            planned = rank(np.arange(n), min(ends[-1] + 1, nlist))
-            rank = lambda rows, n_lists: (planned[0][rows, :n_lists], planned[1][rows, :n_lists])  # noqa: E731
+        if n <= PLAN_ONCE_ROWS:
+            rank = _rank_rest_once(rank, n, min(ends[-1] + 1, nlist))
         router_seconds += time.perf_counter()
         q_norm = np.linalg.norm(xq, axis=1)
         first_scores = None  # the router's score of each query's first list
@@ -161,6 +160,27 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     stats = SearchStats(n, float(probed.mean()) if n else 0.0, rounds, n_fallback / max(1, n),
                         router_seconds / max(1, n), time.perf_counter() - start_time)
     return D, I, stats
+
+
+def _rank_rest_once(rank, n: int, width: int):
+    """``rank`` (``Router.ranker``'s) for a small batch of ``n`` rows: the first round (every row, a
+    slice) ranks only what it asks; a row's first later round ranks its whole schedule, ``width``
+    lists, kept for its rounds after that. One partial sort per row that goes on, none of the
+    schedule's for the rows that stop after one round. 16 queries per call (p50, one thread, six
+    alternations against ranking every row's schedule at once): Debian (first round 4, schedule of
+    245 lists) 1,561 → 1,510 µs, GloVe (first round 16) 2,281 → 2,079."""
+    scores, lists = np.empty((n, width), np.float32), np.empty((n, width), np.int64)
+    ranked = np.zeros(n, bool)
+
+    def rank_rows(rows, n_lists: int):
+        if isinstance(rows, slice):
+            return rank(rows, n_lists)
+        todo = rows[~ranked[rows]]
+        if len(todo):
+            scores[todo], lists[todo] = rank(todo, width)
+            ranked[todo] = True
+        return scores[rows, :n_lists], lists[rows, :n_lists]
+    return rank_rows
 
 
 def search_one(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,

@@ -495,8 +495,9 @@ def test_a_big_batch_split_across_threads_gives_the_one_thread_answer(synthetic,
 
 @pytest.mark.parametrize("router", ["supportnet", "keynet", "centroid"])
 def test_one_query_per_call_gets_the_batch_answer(synthetic, trained, router, monkeypatch):
-    """A single query takes the lean path (``probing.search_one``): same rounds, confidence test,
-    fallback and buffer as the batch, so the same answer and the same lists probed."""
+    """A single query takes the lean path (``probing.search_one``), and a small batch ranks a row's
+    later rounds only when it gets there: same rounds, confidence test, fallback and buffer as a
+    big batch, so the same answer and the same lists probed."""
     index = copy_of(trained(router, synthetic))
     index.add_with_ids(synthetic["keys"][:50] * 1.5, np.arange(10 ** 6, 10 ** 6 + 50))  # a buffer to scan too
     q = synthetic["test"][:120]
@@ -520,6 +521,10 @@ def test_one_query_per_call_gets_the_batch_answer(synthetic, trained, router, mo
         np.testing.assert_array_equal(np.vstack([s[1] for s in single]), I, err_msg=str(setting))
         np.testing.assert_array_equal(np.vstack([s[0] for s in single]), D)
         assert np.mean(single_lists) == pytest.approx(lists) and index.stats.n_queries == 1
+        small = [index.search(q[lo:lo + 15], 5, params=params) for lo in range(0, len(q), 15)]
+        assert 1 < 15 <= probing.PLAN_ONCE_ROWS < len(q)
+        np.testing.assert_array_equal(np.vstack([s[1] for s in small]), I, err_msg=str(setting))
+        np.testing.assert_array_equal(np.vstack([s[0] for s in small]), D)
     assert np.isin(I, np.arange(10 ** 6, 10 ** 6 + 50)).any()  # the buffer's keys were found
 
 
