@@ -23,6 +23,8 @@ def test_quick_synthetic_benchmark_end_to_end(tmp_path):
     assert "exact IndexFlatIP" in serving and "oracle router" not in serving
     for r in serving.values():
         assert r["match_rate"] >= 0.95 and 0 < r["batch1_p50_us"] <= r["batch1_p99_us"] and r["qps_2_threads"] > 0
+        settings = {p["setting"] for p in result["points"] if p["method"] == r["method"]}
+        assert r["qps_1_thread_side_by_side"] > 0 and r["qps_2_threads_setting"] in settings
         assert r["batch1_match_rate"] >= 0.85 and r["batch16_match_rate"] >= 0.9  # served as measured (100 / 1,000 queries)
     table = (tmp_path / "synthetic-quick.md").read_text()
     assert table.startswith("| method |") and "batch 1" in table
