@@ -108,6 +108,10 @@ def mean_cost(round_gaps: np.ndarray, tau, ends: list[int], fallback_lists: int)
 # big batches rounds cost less. With 3, the calibration picked nprobe 8 on a 488-list Debian index
 # and 16 on GloVe, the settings with the lowest measured p50 latency there, and 4 on the 977-list
 # Debian index of benchmarks/run.py (0.91x the best batch QPS of its sweep; GloVe's 16: 0.94x).
+# Re-measured after the single-query path got leaner (p50, one round of p lists vs two of p/2):
+# Debian (977 lists of 61 keys) 4.6 µs per list, 31.5 per extra round (6.9 lists); GloVe 2.1 and 43
+# (20.5 lists). 3 is kept: train's picks (4 and 16) were still the best batch-1 settings of the
+# benchmark, and a new value must be re-validated by it (the ratio depends on list size, d, nlist).
 FIRST_ROUNDS = (1, 2, 4, 8, 16, 32)
 ROUND_COST_LISTS = 3.0
 
