@@ -9,7 +9,11 @@ test sets (exact per-list values known) and compares one global margin τ with p
 bins = quantiles of the calibration queries' feature:
 
 - ``support``: the router's forecast for its first list / ||q|| (how well the best list matches);
-- ``flat``: (first − second forecast) / ||q|| (how clear the winner is).
+- ``flat``: (first − second forecast) / ||q|| (how clear the winner is);
+- ``surprise``: (best exact value in the first round's lists − the first forecast) / ||q||, known
+  after the first round, before its test (how far the router missed this query), and its absolute
+  value ``abs_surprise``. Measured: at target 0.95 on the next packages' titles 0.933 with 4 bins,
+  against 0.948 with 4 ``support`` bins and 0.918 with one margin.
 
 It reads the index's calibration data (private attributes): analysis code, not an API.
 
