@@ -45,16 +45,16 @@ def point_data(name: str, n_keys: int, d: int, n_queries: int, seed: int) -> tup
 
 
 def measure_point(name: str, n_keys: int, d: int, n_train: int, n_test: int, linear_rank: int | None = None,
-                  seed: int = 0) -> dict:
+                  nlist: int | None = None, seed: int = 0) -> dict:
     """Build, search and time one point (the router's linear term of rank ``linear_rank``, None =
-    full); returns its row."""
+    the default rule; ``nlist`` lists, None = ``default_nlist``); returns its row."""
     keys, queries = point_data(name, n_keys, d, n_train + n_test, seed)
     train_q, test = queries[:n_train], queries[n_train:]
     row = {"data": name, "n_keys": len(keys), "d": keys.shape[1], "train_queries": len(train_q),
            "linear_rank": linear_rank,
            "data_rss_gib": round(peak_rss_gib(), 2)}
     af.set_num_threads(2)
-    nlist = af.default_nlist(len(keys))
+    nlist = nlist or af.default_nlist(len(keys))
     index = af.IndexAMIPS(keys.shape[1], nlist, linear_rank=linear_rank)
     start = time.perf_counter()
     index.train(keys, train_q)
@@ -149,13 +149,15 @@ def main(argv=None) -> None:
     ap.add_argument("--glove", action="store_true", help="add the full GloVe 400k point")
     ap.add_argument("--train-queries", type=int, default=20_000)
     ap.add_argument("--linear-rank", type=int, help="rank of the router's linear term (default: full)")
+    ap.add_argument("--nlist", type=int, help="number of IVF lists (default: af.default_nlist of each size)")
     ap.add_argument("--test", type=int, default=5_000)
     ap.add_argument("--out", default="benchmarks/results/scaling")
     ap.add_argument("--point", help=argparse.SUPPRESS)  # name:n_keys: one point, in this process
     args = ap.parse_args(argv)
     if args.point:
         name, n = args.point.split(":")
-        print(json.dumps(measure_point(name, int(n), args.d, args.train_queries, args.test, args.linear_rank)))
+        print(json.dumps(measure_point(name, int(n), args.d, args.train_queries, args.test, args.linear_rank,
+                                       args.nlist)))
         return
     points = [f"synthetic:{n}" for n in args.sizes.split(",") if n] + (["glove:0"] if args.glove else [])
     rows = []
@@ -164,6 +166,7 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "benchmarks.scaling", "--point", point, "--d", str(args.d),
                "--train-queries", str(args.train_queries), "--test", str(args.test)]
         cmd += ["--linear-rank", str(args.linear_rank)] if args.linear_rank else []
+        cmd += ["--nlist", str(args.nlist)] if args.nlist else []
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if out.returncode:
             print(f"{point} failed with exit code {out.returncode}", file=sys.stderr)
