@@ -27,7 +27,7 @@ between its BLAS and SIMD paths):
 ``scan_faiss``; "blas" takes ``scan_blas_above`` when every query has a floor, else
 ``scan_blas_dense`` when the plan covers at least half of the (query, touched list) pairs, else
 ``scan_blas_by_list``; "auto" does as "blas" for flat lists and at least ``BLAS_MIN_QUERIES`` queries
-when the plan holds at least ``BY_LIST_PAIRS_PER_LIST`` pairs per touched list (and, without floors,
+when the plan holds at least ``by_list_min_pairs`` pairs per touched list (and, without floors,
 has ``BY_LIST_MIN_DIM`` dimensions or more) and not ``threaded``, or is dense; else faiss.
 ``threaded``: other threads search other queries meanwhile. The by-list scans' Python loop
 (several numpy calls per list) then waits on the GIL, while faiss's loop runs in C++: Debian, target
@@ -49,7 +49,14 @@ import numpy as np
 from .routing import top_lists
 
 EMPTY_SCORE = np.finfo(np.float32).min  # what faiss returns for a missing result (inner product)
-BY_LIST_PAIRS_PER_LIST = 8  # measured break-even (Debian, one thread): below it faiss's scan is faster
+# Pairs per touched list from which the by-list scans beat faiss's (one thread, measured break-even):
+# 6–8 on Debian (61 keys × 384-d per list), ~8.7 on GloVe's later rounds (183 × 50-d); on big lists
+# ~4–4.5, as a list's fixed cost is then small against its product: 1M synthetic keys × 384-d, rounds
+# of one centroid list per query, by-list time ÷ faiss's at 1,000 keys per list 0.54 / 0.72 / 1.11
+# (8.5 / 5.0 / 2.8 pairs per list), at 250 keys 0.75 (7.4 pairs, 4 lists) and 1.16 (2.9).
+BY_LIST_PAIRS_PER_LIST = 8
+BIG_LIST_PAIRS_PER_LIST = 4.5
+BIG_LIST_MULTIPLY_ADDS = 1 << 16  # keys × d per list (mean) from which BIG_LIST_PAIRS_PER_LIST applies
 # Below this dimension faiss's SIMD scan with its heap beats a BLAS product + partial sort per list
 # at any batch: GloVe (50-d, 5,000 queries, target 0.95) 7,448 vs 6,610 QPS on one thread and
 # 15,021 vs 9,181 on two (faiss's C++ loop scales; the per-list Python loop holds the GIL), while
@@ -126,7 +133,7 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
         raise ValueError("scan_method='blas' needs flat lists (IndexIVFFlat); this index compresses its keys")
     if method == "blas" or (method == "auto" and is_flat(ivf) and len(lists) >= BLAS_MIN_QUERIES):
         pairs, touched = _plan_size(lists, ivf.nlist)
-        by_list = method == "blas" or (pairs >= BY_LIST_PAIRS_PER_LIST * touched and not threaded)
+        by_list = method == "blas" or (pairs >= by_list_min_pairs(ivf) * touched and not threaded)
         if by_list and floor is not None and np.isfinite(floor).all():
             return scan_blas_above(ivf, xq, k, lists, floor, views)
         if pairs >= DENSE_SHARE * len(lists) * touched:
@@ -136,6 +143,14 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
     if coarse is None:
         coarse = coarse_distances(ivf, centroids, xq, lists)
     return scan_faiss(ivf, xq, k, lists, coarse, sel)
+
+
+def by_list_min_pairs(ivf) -> float:
+    """Pairs per touched list from which "auto" scans a plan list by list: ``BIG_LIST_PAIRS_PER_LIST``
+    when a mean list holds at least ``BIG_LIST_MULTIPLY_ADDS`` keys × dimensions, else
+    ``BY_LIST_PAIRS_PER_LIST``."""
+    per_list = ivf.ntotal / max(1, ivf.nlist) * ivf.d
+    return BIG_LIST_PAIRS_PER_LIST if per_list >= BIG_LIST_MULTIPLY_ADDS else BY_LIST_PAIRS_PER_LIST
 
 
 def _plan_size(lists: np.ndarray, nlist: int) -> tuple[int, int]:

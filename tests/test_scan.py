@@ -91,6 +91,28 @@ def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch)
     assert (I_threaded[:, 0] == I_one[:, 0]).mean() > 0.98
 
 
+@pytest.mark.parametrize("n_keys, by_list", [(400, False), (2400, True)])
+def test_auto_scans_big_lists_by_list_from_fewer_pairs(monkeypatch, n_keys, by_list):
+    """A plan of 5 pairs per list goes to faiss over small lists (100 keys × 128-d) and list by list
+    over big ones (600 × 128-d, past ``BIG_LIST_MULTIPLY_ADDS``), with faiss's answers either way."""
+    rng = np.random.default_rng(1)
+    d, nlist = 128, 4
+    keys = rng.standard_normal((n_keys, d)).astype(np.float32)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(keys)
+    ivf.add(keys)
+    xq = rng.standard_normal((20, d)).astype(np.float32)
+    lists = (np.arange(20) % nlist)[:, None]
+    used = []
+    real = scan.scan_blas_by_list
+    monkeypatch.setattr(scan, "scan_blas_by_list", lambda *a, **kw: used.append(1) or real(*a, **kw))
+    D, I = scan.scan_plan(ivf, xq, 3, lists)
+    assert bool(used) == by_list
+    D_faiss, I_faiss = scan.scan_plan(ivf, xq, 3, lists, method="faiss")
+    np.testing.assert_allclose(D, D_faiss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(I[:, 0], I_faiss[:, 0])
+
+
 @pytest.mark.parametrize("fold_every", [None, 50])
 def test_scan_above_the_floor_completes_the_top_k(synthetic, trained, monkeypatch, fold_every):
     """A later round scanned with each query's floor (its k-th best after the first lists), merged
