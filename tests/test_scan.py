@@ -69,21 +69,32 @@ def test_flat_list_views_load_only_the_planned_lists_and_are_released(synthetic,
     assert views._pointers == [] and all(k is None for k in views(np.zeros((1, 0), np.int64))[0])
 
 
-def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch):
-    """"auto" scans a plan with many queries per list by BLAS list by list on one thread, and by
-    faiss (no Python loop holding the GIL) when other threads scan meanwhile; the answers agree."""
-    rng = np.random.default_rng(0)
-    d, nlist = 128, 8
-    keys = rng.standard_normal((2000, d)).astype(np.float32)
+def _gaussian_ivf(seed: int, n_keys: int, n_queries: int, d: int, nlist: int):
+    """A flat IVF over ``n_keys`` standard normal keys in ``nlist`` lists, and ``n_queries`` queries."""
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((n_keys, d)).astype(np.float32)
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.train(keys)
     ivf.add(keys)
-    xq = rng.standard_normal((64, d)).astype(np.float32)
-    lists = np.stack([np.arange(64) % nlist, (np.arange(64) + 1) % nlist], axis=1)  # 16 pairs per list, 1/4 dense
+    return ivf, rng.standard_normal((n_queries, d)).astype(np.float32)
+
+
+def _record_scans(monkeypatch) -> list[str]:
+    """The names of the scans ``scan_plan`` calls from now on, in order (each still runs)."""
     used = []
     for name in ("scan_faiss", "scan_blas_by_list", "scan_blas_dense"):
         real = getattr(scan, name)
         monkeypatch.setattr(scan, name, lambda *a, _real=real, _name=name, **kw: used.append(_name) or _real(*a, **kw))
+    return used
+
+
+def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch):
+    """"auto" scans a plan with many queries per list by BLAS list by list on one thread, and by
+    faiss (no Python loop holding the GIL) when other threads scan meanwhile; the answers agree."""
+    nlist = 8
+    ivf, xq = _gaussian_ivf(0, 2000, 64, 128, nlist)
+    lists = np.stack([np.arange(64) % nlist, (np.arange(64) + 1) % nlist], axis=1)  # 16 pairs per list, 1/4 dense
+    used = _record_scans(monkeypatch)
     D_one, I_one = scan.scan_plan(ivf, xq, 5, lists)
     D_threaded, I_threaded = scan.scan_plan(ivf, xq, 5, lists, threaded=True)
     assert used == ["scan_blas_by_list", "scan_faiss"]
@@ -91,23 +102,16 @@ def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch)
     assert (I_threaded[:, 0] == I_one[:, 0]).mean() > 0.98
 
 
-@pytest.mark.parametrize("n_keys, by_list", [(400, False), (2400, True)])
-def test_auto_scans_big_lists_by_list_from_fewer_pairs(monkeypatch, n_keys, by_list):
+@pytest.mark.parametrize("n_keys, chosen", [(400, "scan_faiss"), (2400, "scan_blas_by_list")])
+def test_auto_scans_big_lists_by_list_from_fewer_pairs(monkeypatch, n_keys, chosen):
     """A plan of 5 pairs per list goes to faiss over small lists (100 keys × 128-d) and list by list
     over big ones (600 × 128-d, past ``BIG_LIST_MULTIPLY_ADDS``), with faiss's answers either way."""
-    rng = np.random.default_rng(1)
-    d, nlist = 128, 4
-    keys = rng.standard_normal((n_keys, d)).astype(np.float32)
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.train(keys)
-    ivf.add(keys)
-    xq = rng.standard_normal((20, d)).astype(np.float32)
+    nlist = 4
+    ivf, xq = _gaussian_ivf(1, n_keys, 20, 128, nlist)
     lists = (np.arange(20) % nlist)[:, None]
-    used = []
-    real = scan.scan_blas_by_list
-    monkeypatch.setattr(scan, "scan_blas_by_list", lambda *a, **kw: used.append(1) or real(*a, **kw))
+    used = _record_scans(monkeypatch)
     D, I = scan.scan_plan(ivf, xq, 3, lists)
-    assert bool(used) == by_list
+    assert used == [chosen]
     D_faiss, I_faiss = scan.scan_plan(ivf, xq, 3, lists, method="faiss")
     np.testing.assert_allclose(D, D_faiss, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(I[:, 0], I_faiss[:, 0])
