@@ -41,7 +41,7 @@ LOUD_KMEANS = 100_000  # k-means on this many keys or more prints faiss's per-it
 def default_nlist(n_keys: int) -> int:
     """The default number of IVF lists for ``n_keys`` keys: 4·√N. The best count depends on the data
     (README, "Scaling"): GloVe 375k ran 1.76× faster at 4·√N than at √N, synthetic 1M keys with N/2,000
-    true clusters 1.63× faster at √N."""
+    true clusters 1.52× faster at √N."""
     return max(1, int(round(4 * math.sqrt(n_keys))))
 
 

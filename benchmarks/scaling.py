@@ -54,7 +54,7 @@ def measure_point(name: str, n_keys: int, d: int, n_train: int, n_test: int, lin
            "linear_rank": linear_rank,
            "data_rss_gib": round(peak_rss_gib(), 2)}
     af.set_num_threads(2)
-    nlist = nlist or af.default_nlist(len(keys))
+    nlist = af.default_nlist(len(keys)) if nlist is None else nlist
     index = af.IndexAMIPS(keys.shape[1], nlist, linear_rank=linear_rank)
     start = time.perf_counter()
     index.train(keys, train_q)
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "benchmarks.scaling", "--point", point, "--d", str(args.d),
                "--train-queries", str(args.train_queries), "--test", str(args.test)]
         cmd += ["--linear-rank", str(args.linear_rank)] if args.linear_rank else []
-        cmd += ["--nlist", str(args.nlist)] if args.nlist else []
+        cmd += ["--nlist", str(args.nlist)] if args.nlist is not None else []
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if out.returncode:
             print(f"{point} failed with exit code {out.returncode}", file=sys.stderr)
