@@ -10,11 +10,23 @@ blended with weight λ (``blend``) with the router's own prediction for its firs
 a query whose answer beats the router's forecast for it (found > predicted_first) also warrants
 doubt about the lists not yet probed; λ is chosen on the calibration queries. A query is **sure**
 when gap ≤ τ; unsure queries go on to the next round, and past the last one to the fallback.
+
+The margin is conformal: it holds for traffic like the calibration queries. ``TrafficMonitor``
+keeps it holding when traffic moves. After the first round, two exact numbers describe a query: its
+*strength* (best score found / ||q||: how well the keys match it) and its *surprise* ((router's
+forecast for its first list − best score found) / ||q||: how far the router missed it). When the
+traffic's shares of the calibration queries' strength-quartile × surprise-half cells depart from
+calibration's (a two-sample χ² test), the calibration queries are re-weighted by share ratio and the
+margin recomputed (weighted conformal calibration under covariate shift), with blend 0: under
+shift the router's forecast is what is off. Queries unlike the training sample (weakly matched, or
+surprising) then count for more.
 """
 from __future__ import annotations
 
+import bisect
 import math
-from dataclasses import dataclass, replace
+import threading
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -92,6 +104,19 @@ def margin_for_recall(critical: np.ndarray, target_recall: float) -> tuple[float
     return tau, float(np.mean((tau < critical) | np.isposinf(critical)))
 
 
+def weighted_margin(critical: np.ndarray, weights: np.ndarray, target_recall: float) -> float:
+    """``margin_for_recall`` with calibration queries weighted: the largest τ whose weighted recall
+    is >= the target, where the finite-sample correction counts the test query at the largest weight.
+    ``critical [n]`` sorted in descending order, ``weights [n]`` > 0 in the same order; equal
+    weights give ``margin_for_recall``'s τ."""
+    covered = np.cumsum(weights) / (weights.sum() + weights.max())
+    j = int(np.searchsorted(covered, target_recall * (1 - 1e-12)))  # first prefix reaching the target
+    if j >= len(critical):
+        return -math.inf
+    v = critical[j]
+    return float(np.nextafter(v, -np.inf)) if np.isfinite(v) else float(v)
+
+
 def mean_cost(round_gaps: np.ndarray, tau, ends: list[int], fallback_lists: int) -> tuple[float, float]:
     """Mean lists probed and mean rounds run (the fallback counts as one) when each query stops at its
     first round with gap ≤ τ (a number, or one per query), and one that never stops also scans
@@ -116,12 +141,107 @@ FIRST_ROUNDS = (1, 2, 4, 8, 16, 32)
 ROUND_COST_LISTS = 3.0
 
 
+# Traffic monitoring (``TrafficMonitor``): cells of strength quantile × surprise quantile, the χ²
+# level that calls the traffic shifted (the 0.999 quantile with 4·2 − 1 = 7 degrees of freedom: one
+# false alarm in a thousand checks of unshifted traffic, and a false alarm only re-weights by ratios
+# near 1), the least evidence tested (a batch this big is judged on its own), how often a stream of
+# smaller batches is re-tested, and the half-life (queries) of the history they are judged by.
+# The cells were chosen on Debian's two shift checks (benchmarks/shift.py, benchmarks/topics.py),
+# replayed offline: strength octiles alone missed the unseen-topics shift, surprise octiles alone
+# under-corrected the absent-packages one; 4 × 2 caught both.
+STRENGTH_BINS, SURPRISE_BINS = 4, 2
+SHIFT_CHI2 = 24.32
+MIN_EVIDENCE = 256
+RECHECK_QUERIES = 64
+TRAFFIC_HALF_LIFE = 4096
+
+
+def shifted(calibration_counts: np.ndarray, traffic_counts: np.ndarray) -> bool:
+    """Whether two samples' bin counts ``[b]`` come from different distributions: the two-sample
+    χ² statistic Σ (√(T/C)·c − √(C/T)·t)² / (c + t) above ``SHIFT_CHI2``."""
+    c, t = calibration_counts.astype(np.float64), traffic_counts.astype(np.float64)
+    C, T = c.sum(), t.sum()
+    both = (c + t) > 0
+    chi2 = np.sum((math.sqrt(T / C) * c[both] - math.sqrt(C / T) * t[both]) ** 2 / (c[both] + t[both]))
+    return bool(chi2 > SHIFT_CHI2)
+
+
+class TrafficMonitor:
+    """The margin and blend for the traffic a search sees: the calibrated ``margin`` and ``blend``
+    while the queries fall in the calibration queries' (strength, surprise) cells as often as theirs
+    did; else blend 0 and the blend-0 margin re-weighted to the traffic's cell shares
+    (``weighted_margin``), never looser than the blend-0 margin unweighted. A batch of
+    ``MIN_EVIDENCE`` queries or more is judged on its own; smaller ones on the history of recent
+    traffic (counts halving every ``TRAFFIC_HALF_LIFE`` queries), re-tested every
+    ``RECHECK_QUERIES``. Thread-safe.
+
+    strength, surprise ``[n]``: the calibration queries' (``first_round_features``); critical ``[n]``:
+    their critical margins at blend 0 (``critical_margins``); margin, blend: the calibrated test."""
+
+    def __init__(self, strength: np.ndarray, surprise: np.ndarray, critical: np.ndarray, target_recall: float,
+                 margin: float, blend: float):
+        quantiles = lambda x, b: np.quantile(x, np.linspace(0, 1, b + 1)[1:-1], method="lower")  # noqa: E731
+        self.strength_edges, self.surprise_edges = quantiles(strength, STRENGTH_BINS), quantiles(surprise, SURPRISE_BINS)
+        self._strength_list, self._surprise_list = self.strength_edges.tolist(), self.surprise_edges.tolist()
+        self.target_recall, self.margin, self.blend = target_recall, margin, blend
+        order = np.argsort(-critical, kind="stable")
+        self._critical, self._cells = critical[order], self.cells(strength, surprise)[order]
+        self._calibration_counts = np.bincount(self._cells, minlength=STRENGTH_BINS * SURPRISE_BINS).astype(np.float64)
+        self._shifted_margin = margin_for_recall(critical, target_recall)[0]  # blend 0, unweighted
+        self._counts = np.zeros_like(self._calibration_counts)
+        self._since_check = 0
+        self._current = (margin, blend, False)
+        self._mutex = threading.Lock()
+
+    def cells(self, strength: np.ndarray, surprise: np.ndarray) -> np.ndarray:
+        """The (strength, surprise) cell of each query ``[n] int``."""
+        return np.searchsorted(self.strength_edges, strength) * SURPRISE_BINS + np.searchsorted(self.surprise_edges,
+                                                                                                  surprise)
+
+    def observe(self, strength: np.ndarray, surprise: np.ndarray) -> tuple[float, float, bool]:
+        """Record queries' strengths and surprises ``[n]``; the margin and blend for them, and
+        whether the traffic is shifted."""
+        batch = np.bincount(self.cells(strength, surprise), minlength=len(self._calibration_counts))
+        return self._record(batch, len(strength), batch if len(strength) >= MIN_EVIDENCE else None)
+
+    def observe_one(self, strength: float, surprise: float) -> tuple[float, float, bool]:
+        """``observe`` for one query, on Python floats (~2 µs instead of ~8)."""
+        cell = bisect.bisect_left(self._strength_list, strength) * SURPRISE_BINS + \
+            bisect.bisect_left(self._surprise_list, surprise)
+        return self._record(cell, 1, None)
+
+    def _record(self, add: np.ndarray | int, n: int, evidence: np.ndarray | None) -> tuple[float, float, bool]:
+        """Add ``add`` (counts per cell, or one cell) for ``n`` queries to the decayed history; the
+        verdict on ``evidence`` if given, else on the history every ``RECHECK_QUERIES``."""
+        with self._mutex:
+            self._counts *= 0.5 ** (n / TRAFFIC_HALF_LIFE)
+            if isinstance(add, int):
+                self._counts[add] += 1
+            else:
+                self._counts += add
+            self._since_check += n
+            if evidence is not None:
+                return self._test_for(evidence)
+            if self._since_check >= RECHECK_QUERIES:
+                self._since_check = 0
+                self._current = self._test_for(self._counts)
+            return self._current
+
+    def _test_for(self, counts: np.ndarray) -> tuple[float, float, bool]:
+        if counts.sum() < MIN_EVIDENCE or not shifted(self._calibration_counts, counts):
+            return self.margin, self.blend, False
+        ratio = (counts / counts.sum()) / np.maximum(self._calibration_counts / self._calibration_counts.sum(), 1e-12)
+        weights = np.maximum(ratio[self._cells], 1e-6)  # a cell the traffic left keeps a trace of its queries
+        return min(self._shifted_margin, weighted_margin(self._critical, weights, self.target_recall)), 0.0, True
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A calibrated confidence test: margin τ, blend λ, and the recall they give on the calibration
     queries (below the target when the target is out of reach of the schedule and fallback).
     With bins: ``edges`` (b − 1 increasing values of the router's first-list forecast / ||q||) and
-    one margin per bin in ``margins``; ``margin`` is then the smallest of them."""
+    one margin per bin in ``margins``; ``margin`` is then the smallest of them. Without bins:
+    ``traffic``, the ``TrafficMonitor`` that adapts τ to traffic unlike the calibration queries."""
     margin: float
     blend: float
     recall: float
@@ -129,6 +249,7 @@ class Calibration:
     margins: tuple[float, ...] = ()
     lists: float = math.nan  # mean lists probed per calibration query (fallback included)
     rounds: float = math.nan  # mean rounds per calibration query (the fallback counts as one)
+    traffic: TrafficMonitor | None = field(default=None, compare=False, repr=False)
 
     def margins_for(self, forecast: np.ndarray) -> np.ndarray | float:
         """Each query's margin from its first-list forecast / ||q|| ``[n]`` (the one margin without bins)."""
@@ -164,6 +285,15 @@ def replay(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np
     return round_gaps, round_correct, round_correct[:, -1] | fallback_hits
 
 
+def first_round_features(first_score: np.ndarray, found: np.ndarray, q_norm: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """What ``TrafficMonitor`` bins, from the router's forecast for each query's first list, the
+    best score found in its first round (−inf: none) and ||q||, all ``[n]``: strength = found / ||q||
+    (−inf where nothing was found) and surprise = (forecast − found) / ||q|| (+inf there)."""
+    q_norm = np.maximum(q_norm, 1e-30)
+    return found / q_norm, (first_score - found) / q_norm
+
+
 def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np.ndarray,
                      q_norm: np.ndarray, ends: list[int], fallback_hits: np.ndarray, fallback_lists: int,
                      target_recall: float, blends: tuple[float, ...] = BLENDS, n_bins: int = 1) -> Calibration:
@@ -175,16 +305,17 @@ def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_
     ``q_norm [n]``; ``ends``: the probe schedule; ``fallback_hits [n] bool``: whether the fallback's
     lists hold the argmax list; ``fallback_lists``: what the fallback scans, for the cost.
     ``n_bins`` > 1: one margin per quantile bin of route_scores[:, 0] / q_norm, each reaching the
-    target on its own bin's queries.
+    target on its own bin's queries; 1: one margin, with a ``TrafficMonitor`` on the calibration
+    queries' first rounds.
     """
     forecast = route_scores[:, 0] / np.maximum(q_norm, 1e-30)
     edges = tuple(float(e) for e in np.quantile(forecast, np.linspace(0, 1, n_bins + 1)[1:-1])) if n_bins > 1 else ()
     bins = np.searchsorted(np.asarray(edges), forecast)
-    chosen = None  # (preference, result): reach the target, then fewest lists (or best recall)
+    chosen, critical_at = None, {}  # (preference, result): reach the target, then fewest lists (or best recall)
     for blend in blends:
         round_gaps, round_correct, fallback_correct = replay(route_scores, route_lists, cluster_values, q_norm,
                                                              ends, fallback_hits, blend)
-        critical = critical_margins(round_gaps, round_correct, fallback_correct)
+        critical = critical_at[blend] = critical_margins(round_gaps, round_correct, fallback_correct)
         if edges:  # an empty bin (ties) is never sure
             sizes = np.bincount(bins, minlength=n_bins)
             per_bin = [margin_for_recall(critical[bins == b], target_recall) if sizes[b] else (-math.inf, 0.0)
@@ -200,4 +331,14 @@ def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_
         preference = (recall >= target_recall, recall if recall < target_recall else -lists)
         if chosen is None or preference > chosen[0]:
             chosen = (preference, calibration)
-    return chosen[1]
+    calibration = chosen[1]
+    if edges:
+        return calibration
+    if 0.0 not in critical_at:
+        critical_at[0.0] = critical_margins(*replay(route_scores, route_lists, cluster_values, q_norm, ends,
+                                                    fallback_hits, 0.0))
+    first = route_lists[:, :ends[0]]
+    found = np.where(first >= 0, np.take_along_axis(cluster_values, first.clip(0), axis=1), -np.inf).max(axis=1)
+    strength, surprise = first_round_features(route_scores[:, 0], found, q_norm)
+    return replace(calibration, traffic=TrafficMonitor(strength, surprise, critical_at[0.0], target_recall,
+                                                       calibration.margin, calibration.blend))

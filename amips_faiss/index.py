@@ -128,7 +128,7 @@ class IndexAMIPS:
         self._resolved: dict = {}  # settings resolved (margin and blend calibrated) per call's params, until they change
         self._settings = SearchParametersAMIPS(nprobe=1, max_nprobe=quarter, fallback="exact",
                                                fallback_nprobe=quarter, scan_method="auto", confidence_rank=1,
-                                               calibration_bins=1)
+                                               calibration_bins=1, adaptive_margin=True)
         self._router = built
         if kind == "centroid" and ivf.is_trained:  # nothing to learn: ready now
             self._router = make_router(kind, ivf.quantizer, self.centroids())

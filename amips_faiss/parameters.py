@@ -8,6 +8,8 @@ import math
 import numbers
 from dataclasses import dataclass, fields
 
+import numpy as np
+
 from .filtering import check_selector
 from .scan import SCAN_METHODS
 from .validation import check_fraction, check_positive_int
@@ -21,6 +23,12 @@ def _check_real(value, name: str, low: float = -math.inf, high: float = math.inf
         bounds = "" if (low, high) == (-math.inf, math.inf) else f" in [{low}, {high}]"
         raise ValueError(f"{name} must be a number{bounds}, got {value!r}")
     return float(value)
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
@@ -40,6 +48,7 @@ _CHECKS = {
     "blend": lambda v, name: _check_real(v, name, 0.0, 1.0),
     "confidence_rank": check_positive_int,
     "calibration_bins": check_positive_int,
+    "adaptive_margin": _check_bool,
     "sel": check_selector,
 }
 
@@ -71,7 +80,15 @@ class SearchParametersAMIPS:
     calibration queries, so that the target holds within each bin (Mondrian-style): traffic that
     shifts towards queries the keys match weakly stays covered, at more lists probed (Debian,
     ``benchmarks/shift_conditional.py``: with 4 bins, 0.961 instead of 0.913 at target 0.95 on
-    titles of packages absent from the keys, 5.7 instead of 3.5 lists on the usual traffic).
+    titles of packages absent from the keys, 5.7 instead of 3.5 lists on the usual traffic; the
+    default ``adaptive_margin`` holds that shift at no cost on the usual traffic).
+    adaptive_margin: True (default) = with one calibrated margin, the test follows the traffic: when
+    the queries' first rounds (strength: best score found / ||q||; surprise: how far the router's
+    forecast missed it) fall in the calibration queries' cells in other shares than theirs, the
+    calibration is re-weighted to the traffic, the margin tightened and the blend set to 0
+    (``confidence.TrafficMonitor``; ``index.stats.traffic_shift`` says so). Batches under 256
+    queries are judged on the recent traffic; False = the calibration queries' test, whatever the
+    traffic.
     sel (per call only, as in
     faiss): a faiss ``IDSelector`` over user ids (Batch, Range, Bitmap, Array, Not/And/Or, ...) or an
     array of allowed ids; the answer is then the filtered MIPS answer, −1 padded when fewer than k
@@ -87,6 +104,7 @@ class SearchParametersAMIPS:
     blend: float | None = None
     confidence_rank: int | None = None
     calibration_bins: int | None = None
+    adaptive_margin: bool | None = None
     sel: object = None
 
     def __setattr__(self, name: str, value) -> None:
@@ -101,14 +119,15 @@ class SearchParametersAMIPS:
 
 SETTINGS = tuple(f.name for f in fields(SearchParametersAMIPS) if f.name != "sel")  # what an index keeps
 REQUIRED = ("nprobe", "max_nprobe", "fallback", "fallback_nprobe", "scan_method", "confidence_rank",
-            "calibration_bins")  # an index always has these
+            "calibration_bins", "adaptive_margin")  # an index always has these
 
 
 @dataclass
 class SearchStats:
     """What the last search did: mean lists probed per query (fallback included), rounds run,
     share of queries that reached the fallback, router seconds per query, total seconds, and
-    whether a selective filter made it scan the allowed keys directly (``brute_force``)."""
+    whether a selective filter made it scan the allowed keys directly (``brute_force``), and whether
+    the margin was tightened for traffic unlike the calibration queries (``traffic_shift``)."""
     n_queries: int = 0
     mean_lists_probed: float = 0.0
     rounds: int = 0
@@ -116,3 +135,4 @@ class SearchStats:
     router_seconds_per_query: float = 0.0
     seconds: float = 0.0
     brute_force: bool = False
+    traffic_shift: bool = False

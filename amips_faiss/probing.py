@@ -71,7 +71,7 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     mean = lambda field: float(sum(w * getattr(s, field) for w, (_, _, s) in zip(weights, parts)))  # noqa: E731
     stats = SearchStats(n, mean("mean_lists_probed"), max(s.rounds for _, _, s in parts),
                         mean("fallback_share"), mean("router_seconds_per_query"), time.perf_counter() - start,
-                        any(s.brute_force for _, _, s in parts))
+                        any(s.brute_force for _, _, s in parts), any(s.traffic_shift for _, _, s in parts))
     return np.vstack([D for D, _, _ in parts]), np.vstack([I for _, I, _ in parts]), stats
 
 
@@ -107,7 +107,9 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
         merge_into(D, I, np.arange(n), allowed_D, allowed_I)
         return D, I, SearchStats(n, float(np.count_nonzero(listed.counts)), 1, 0.0, 0.0,
                                  time.perf_counter() - start_time, brute_force=True)
-    ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) if p.margin < math.inf else [p.nprobe]
+    monitor, traffic_shift, blend = traffic_monitor(calibration, p), False, p.blend
+    ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) \
+        if p.margin < math.inf or monitor is not None else [p.nprobe]
     views = FlatListViews(ivf)  # made once if a round scans flat lists by BLAS
     scan_views = listed.views(views) if listed else views
 
@@ -143,12 +145,16 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
             probed[active] += scan(active, route_lists[:, begin:end],
                                    router.coarse_distances(route_scores[:, begin:end]))
             rounds += 1
+            if rounds == 1 and monitor is not None:
+                margin, blend, traffic_shift = monitor.observe(*confidence.first_round_features(
+                    first_scores, np.where(D[:, 0] > EMPTY_SCORE, D[:, 0], -np.inf), q_norm))
+                margins = np.broadcast_to(margin, n)
             next_scores = route_scores[:, end] if end < route_scores.shape[1] else np.full(len(active), -np.inf)
             # the best score found (target_recall is calibrated for the match rate, recall@1), or the
             # confidence_rank-th best: a list forecast below it cannot change the top confidence_rank
             found = D[active, min(p.confidence_rank, k) - 1]
             found = np.where(found <= EMPTY_SCORE, -np.inf, found)
-            unsure = confidence.gaps(next_scores, found, q_norm[active], first_scores[active], p.blend) > margins[active]
+            unsure = confidence.gaps(next_scores, found, q_norm[active], first_scores[active], blend) > margins[active]
             active, probed_lists, begin = active[unsure], route_lists[unsure, :end], end
             if not len(active):
                 break
@@ -158,8 +164,18 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     finally:
         views.release()
     stats = SearchStats(n, float(probed.mean()) if n else 0.0, rounds, n_fallback / max(1, n),
-                        router_seconds / max(1, n), time.perf_counter() - start_time)
+                        router_seconds / max(1, n), time.perf_counter() - start_time, traffic_shift=traffic_shift)
     return D, I, stats
+
+
+def traffic_monitor(calibration: confidence.Calibration | None, p: SearchParametersAMIPS
+                    ) -> confidence.TrafficMonitor | None:
+    """The monitor that adapts the margin and blend to the traffic, when it applies: a calibrated margin
+    without bins, ``adaptive_margin`` on and no filter (a filter lowers the strengths found, which is
+    not a shift of the traffic)."""
+    if calibration is None or calibration.traffic is None or not p.adaptive_margin or p.sel is not None:
+        return None
+    return calibration.traffic
 
 
 def _rank_rest_once(rank, n: int, width: int):
@@ -201,7 +217,9 @@ def search_one(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchPar
     I = np.full((1, k), -1, np.int64)
     if buffer.ntotal:
         merge_into(D, I, row, *buffer.search(xq, k))
-    ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) if p.margin < math.inf else [p.nprobe]
+    monitor, traffic_shift, blend = traffic_monitor(calibration, p), False, p.blend
+    ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) \
+        if p.margin < math.inf or monitor is not None else [p.nprobe]
     router_seconds = -time.perf_counter()
     rank = router.ranker(xq)
     # the first round's order (and the next list's score); every later round's only if one runs
@@ -224,9 +242,13 @@ def search_one(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchPar
                                          centroids, p.scan_method))
         probed += int((lists >= 0).sum())
         rounds, begin = rounds + 1, end
+        if rounds == 1 and monitor is not None:
+            best = float(D[0, 0]) if D[0, 0] > EMPTY_SCORE else -math.inf
+            norm = max(q_norm, 1e-30)  # confidence.first_round_features, on Python floats
+            margin, blend, traffic_shift = monitor.observe_one(best / norm, (first_score - best) / norm)
         next_score = float(route_scores[0, end]) if end < route_scores.shape[1] else -math.inf
         found = float(D[0, rank_k]) if D[0, rank_k] > EMPTY_SCORE else -math.inf
-        if not confidence.gap(next_score, found, q_norm, first_score, p.blend) > margin:
+        if not confidence.gap(next_score, found, q_norm, first_score, blend) > margin:
             break  # sure
     else:
         fallback = p.fallback != "none"
@@ -235,7 +257,7 @@ def search_one(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchPar
             merge_into(D, I, row, *scan_plan(ivf, xq, k, lists, coarse, centroids, p.scan_method))
             probed += int((lists >= 0).sum())
     return D, I, SearchStats(1, float(probed), rounds, float(fallback), router_seconds,
-                             time.perf_counter() - start_time)
+                             time.perf_counter() - start_time, traffic_shift=traffic_shift)
 
 
 def fallback_plan(ivf, xq: np.ndarray, probed_lists: np.ndarray, p: SearchParametersAMIPS

@@ -5,8 +5,12 @@ and calibrated on titles of those packages, and two test sets are searched at ea
 - *same packages*: held-out titles of the indexed packages (the training distribution);
 - *next packages*: titles of the next ``--shifted`` packages, whose own descriptions are absent.
 
-Each with one margin (``calibration_bins=1``, the default) and with a margin per quartile of the
-router's forecast (``calibration_bins=4``). Also QPS at 1 and 2 threads on the same-packages set.
+Each with the margins of ``topics.MARGINS``: the calibration queries' one margin, the default
+(that margin, re-weighted when the traffic's first-round strengths depart from calibration's) and a
+margin per quartile of the router's forecast. Each test set is searched as one batch, and at target
+0.95 with the default also one query per call on a fresh copy of the index (no traffic history: the
+first ``MIN_EVIDENCE`` queries are judged unshifted). Also QPS at 1 and 2 threads on the
+same-packages set.
 
     python -m benchmarks.shift
 """
@@ -25,6 +29,7 @@ from amips_faiss.metrics import found_scores, match_rate
 from amips_faiss.targets import split_queries, support_values
 
 from .run import timed
+from .topics import MARGINS
 
 
 def shifted_debian(n_keys: int = 10_000, n_shifted: int = 2_000, steps: int = 2_000
@@ -45,6 +50,28 @@ def shifted_debian(n_keys: int = 10_000, n_shifted: int = 2_000, steps: int = 2_
     return keys, index, tests, time.perf_counter() - start
 
 
+def result(test_name: str, margin: str, target: float, keys: np.ndarray, test: np.ndarray, answers: np.ndarray,
+           exact: np.ndarray, stats: af.SearchStats) -> dict:
+    """One table row: the match rate of ``answers [n]`` (ids of ``keys``) against ``exact [n]``."""
+    return {"test": test_name, "n": len(test), "margin": margin, "target": target,
+            "match": round(match_rate(found_scores(keys, test, answers), exact), 4),
+            "sigma": round(float(np.sqrt(target * (1 - target) / len(test))), 4),
+            "lists": round(stats.mean_lists_probed, 1), "fallback": round(stats.fallback_share, 4),
+            "traffic_shift": stats.traffic_shift}
+
+
+def table(rows: list[dict]) -> str:
+    """Match rate (lists) per test set and margin, one column per target."""
+    targets = sorted({r["target"] for r in rows})
+    lines = ["| test | margin | " + " | ".join(f"target {t}" for t in targets) + " |",
+             "|---|---|" + "---|" * len(targets)]
+    for key in dict.fromkeys((r["test"], r["margin"]) for r in rows):
+        cells = {r["target"]: f"{r['match']:.3f} ({r['lists']}{', shift seen' if r['traffic_shift'] else ''})"
+                 for r in rows if (r["test"], r["margin"]) == key}
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells.get(t, "") for t in targets) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=10_000)
@@ -57,16 +84,20 @@ def main(argv=None) -> None:
     af.set_num_threads(1)
     for name, test in tests.items():
         exact = support_values(keys, test, progress=False).values
-        for bins, target in ((b, t) for b in (1, 4) for t in (0.9, 0.95, 0.99)):
-            params = af.SearchParametersAMIPS(target_recall=target, calibration_bins=bins)
-            _, I = index.search(test, 1, params=params)
-            rate = match_rate(found_scores(keys, test, I[:, 0]), exact)
-            rows.append({"test": name, "n": len(test), "calibration_bins": bins, "target": target,
-                         "match": round(rate, 4),
-                         "sigma": round(float(np.sqrt(target * (1 - target) / len(test))), 4),
-                         "lists": round(index.stats.mean_lists_probed, 1),
-                         "fallback": round(index.stats.fallback_share, 4)})
+        for margin, target in ((m, t) for m in MARGINS for t in (0.9, 0.95, 0.99)):
+            _, I = index.search(test, 1, params=af.SearchParametersAMIPS(target_recall=target, **MARGINS[margin]))
+            rows.append(result(name, margin, target, keys, test, I[:, 0], exact, index.stats))
             print(json.dumps(rows[-1]), flush=True)
+        fresh = af.deserialize_index(af.serialize_index(index))
+        answers, lists, shifted = [], [], []
+        for query in test:
+            answers.append(fresh.search(query[None], 1)[1][0, 0])
+            lists.append(fresh.stats.mean_lists_probed)
+            shifted.append(fresh.stats.traffic_shift)
+        stream = af.SearchStats(len(test), float(np.mean(lists)), traffic_shift=bool(np.mean(shifted) > 0.5))
+        rows.append({**result(name, "one, adaptive (default), one query per call", 0.95, keys, test,
+                              np.array(answers), exact, stream), "shift_seen_share": round(float(np.mean(shifted)), 3)})
+        print(json.dumps(rows[-1]), flush=True)
     params = af.SearchParametersAMIPS(target_recall=0.95)
     big = np.tile(tests["same packages"], (3, 1))  # a batch big enough to split across threads
     for threads in (1, 2):
@@ -77,6 +108,9 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(table([r for r in rows if "target" in r]) + "\n")
+    print(table([r for r in rows if "target" in r]))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ import itertools
 import numpy as np
 import pytest
 
-from amips_faiss.confidence import (Calibration, calibrate_margin, cheapest_first_round, critical_margins, gap,
-                                    gaps,
-                                    margin_for_recall, mean_cost, probe_schedule)
+from amips_faiss import confidence
+from amips_faiss.confidence import (Calibration, TrafficMonitor, calibrate_margin, cheapest_first_round,
+                                    critical_margins, gap, gaps, margin_for_recall, mean_cost, probe_schedule,
+                                    shifted, weighted_margin)
 
 
 def test_probe_schedule_doubles_up_to_the_cap():
@@ -125,3 +126,85 @@ def test_cheapest_first_round_weighs_rounds_against_lists_and_needs_the_target()
     assert cheapest_first_round(calibrations, 0.95) == 8
     assert cheapest_first_round({**calibrations, 16: cal(0.96, 16.0, 1.0)}, 0.95) == 8  # 19 > 16.5
     assert cheapest_first_round({1: cal(0.9, 5.0, 1.0)}, 0.95) is None
+
+
+@pytest.mark.parametrize("n, target", [(1000, 0.95), (2003, 0.99), (40, 0.9), (18, 0.95)])
+def test_equal_weights_give_the_unweighted_margin(n, target):
+    rng = np.random.default_rng(n)
+    crit = np.concatenate([np.round(rng.normal(size=n - 6), 2), [np.inf] * 3, [-np.inf] * 3])  # ties and infinities
+    order = np.sort(crit)[::-1]
+    assert weighted_margin(order, np.ones(n), target) == margin_for_recall(crit, target)[0]
+    assert weighted_margin(order, np.full(n, 3.5), target) == margin_for_recall(crit, target)[0]
+
+
+def test_weights_on_the_hard_queries_tighten_the_margin_to_their_own_recall():
+    """Half the queries easy (critical margin high), half hard: weighting the hard half 9:1 gives
+    a margin reaching the target on the weighted mixture, which is stricter than the unweighted one."""
+    rng = np.random.default_rng(0)
+    easy, hard = rng.normal(1.0, 0.3, 2000), rng.normal(0.0, 0.3, 2000)
+    crit = np.concatenate([easy, hard])
+    order = np.argsort(-crit)
+    weights = np.where(np.arange(4000) >= 2000, 9.0, 1.0)
+    tau = weighted_margin(crit[order], weights[order], 0.9)
+    assert tau < margin_for_recall(crit, 0.9)[0]
+    recall = 0.1 * np.mean(tau < easy) + 0.9 * np.mean(tau < hard)
+    assert 0.9 <= recall < 0.9 + 0.005
+
+
+def test_the_shift_test_passes_same_shares_and_flags_moved_ones():
+    rng = np.random.default_rng(0)
+    calibration = np.bincount(rng.integers(0, 8, 2000), minlength=8)
+    false_alarms = sum(shifted(calibration, np.bincount(rng.integers(0, 8, 3000), minlength=8)) for _ in range(200))
+    assert false_alarms <= 3  # the test's level is 0.001
+    moved = np.bincount(np.minimum(rng.integers(0, 8, 3000), rng.integers(0, 8, 3000)), minlength=8)
+    assert shifted(calibration, moved)
+
+
+def _monitor(n: int = 4000, seed: int = 0, target: float = 0.9, blend: float = 0.0):
+    """A monitor on calibration queries whose strength predicts how hard they are: strength and
+    surprise ~ U(0, 1), critical margin (blend 0) ~ N(strength, 0.2)."""
+    rng = np.random.default_rng(seed)
+    strength, surprise = rng.random(n), rng.random(n)
+    crit = rng.normal(strength, 0.2)
+    return TrafficMonitor(strength, surprise, crit, target, margin_for_recall(crit, target)[0], blend), rng
+
+
+def test_traffic_like_the_calibration_keeps_the_margin_and_blend():
+    monitor, rng = _monitor(blend=0.5)
+    assert monitor.observe(rng.random(3000), rng.random(3000)) == (monitor.margin, 0.5, False)  # a batch on its own
+    for _ in range(200):  # small batches, judged on the history
+        assert monitor.observe(rng.random(16), rng.random(16)) == (monitor.margin, 0.5, False)
+
+
+def test_weak_traffic_tightens_the_margin_to_reach_the_target_on_it():
+    """Traffic that only has the weakest half of the strengths: the monitor flags it, drops the
+    blend, and its margin reaches the target on that traffic, where the calibration's misses it."""
+    monitor, rng = _monitor(blend=0.5)
+    weak = rng.random(3000) * 0.5
+    crit = rng.normal(weak, 0.2)  # the same law as the calibration's, on weaker queries
+    margin, blend, is_shifted = monitor.observe(weak, rng.random(3000))
+    assert is_shifted and blend == 0.0 and margin < monitor.margin
+    assert np.mean(monitor.margin < crit) < 0.88  # the calibration's margin misses the target
+    assert np.mean(margin < crit) >= 0.9 - 3 * np.sqrt(0.09 / 3000)
+
+
+def test_surprising_traffic_is_flagged():
+    monitor, rng = _monitor()
+    assert monitor.observe(rng.random(3000), 0.5 + rng.random(3000) * 0.5)[2]
+
+
+def test_small_batches_follow_the_history_and_strong_traffic_never_loosens():
+    monitor, rng = _monitor()
+    verdicts = [monitor.observe(rng.random(8) * 0.5, rng.random(8))[2] for _ in range(100)]
+    assert not any(verdicts[:confidence.MIN_EVIDENCE // 8 - 1]) and all(verdicts[-20:])
+    margin, _, is_shifted = monitor.observe(0.5 + rng.random(3000) * 0.5, rng.random(3000))  # easy traffic
+    assert is_shifted and margin == monitor.margin
+
+
+def test_one_query_observations_match_the_array_version():
+    (a, rng), (b, _) = _monitor(), _monitor()
+    strength, surprise = rng.random(400) * 0.6, rng.random(400)
+    strength[:3] = a.strength_edges[:3]  # ties with the edges fall in the same cell
+    for s, u in zip(strength, surprise):
+        assert a.observe(np.array([s]), np.array([u])) == b.observe_one(float(s), float(u))
+    assert a.observe(strength[:1], surprise[:1])[2]  # the history is now shifted

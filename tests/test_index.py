@@ -356,6 +356,32 @@ def test_confidence_rank_holds_the_top_r_against_the_forecast(synthetic, trained
     assert lists[10] > lists[1] and recall[10] > recall[1] + 0.01
 
 
+def test_the_margin_follows_traffic_unlike_the_calibration_queries(synthetic, trained):
+    """Traffic like the calibration queries keeps the calibrated margin (same answers as
+    adaptive_margin=False); traffic made only of the quarter of queries the keys match weakest
+    (h(q) / ||q||) is flagged, and its tightened margin holds the target (one margin: ~0.93)."""
+    index = copy_of(trained("supportnet", synthetic))  # its own traffic history
+    q, exact = synthetic["test"], synthetic["exact"].values
+    fixed = af.SearchParametersAMIPS(target_recall=0.95, adaptive_margin=False)
+    I_fixed = index.search(q, 1, params=fixed)[1]
+    I = index.search(q, 1)[1]
+    assert not index.stats.traffic_shift
+    np.testing.assert_array_equal(I, I_fixed)
+    strength = exact / np.linalg.norm(q, axis=1)
+    weak = strength < np.quantile(strength, 0.25)
+    rates, lists = {}, {}
+    for name, params in (("fixed", fixed), ("adaptive", None)):
+        _, I = index.search(q[weak], 1, params=params)
+        rates[name] = match_rate(found_scores(synthetic["keys"], q[weak], I[:, 0]), exact[weak])
+        lists[name] = index.stats.mean_lists_probed
+        assert index.stats.traffic_shift == (name == "adaptive")
+    sigma = math.sqrt(0.95 * 0.05 / weak.sum())
+    assert rates["adaptive"] >= 0.95 - 1.5 * sigma and rates["adaptive"] > rates["fixed"] + 0.01, rates
+    assert lists["adaptive"] > lists["fixed"]
+    with pytest.raises(ValueError, match="adaptive_margin"):
+        af.SearchParametersAMIPS(adaptive_margin=1)
+
+
 def test_margins_per_bin_of_the_forecast_hold_the_target_on_the_weakest_queries(synthetic, trained):
     """calibration_bins=4: one margin per quartile of the router's first-list forecast / ||q||, each
     reaching the target on its own calibration queries, so the target also holds on a test sample

@@ -12,7 +12,7 @@ from amips_faiss.parameters import SETTINGS
 # a value other than the default for every search setting
 NON_DEFAULT = {"nprobe": 3, "max_nprobe": 9, "target_recall": 0.9, "margin": 0.125, "fallback": "ivf",
                "fallback_nprobe": 7, "scan_method": "faiss", "blend": 0.5, "confidence_rank": 10,
-               "calibration_bins": 3}
+               "calibration_bins": 3, "adaptive_margin": False}
 
 
 def test_the_non_default_table_covers_every_setting():
