@@ -270,7 +270,8 @@ def run(data: str, quick: bool, threads: int, out: str, seed: int = 0, routers=N
                                       build_seconds=build[router],
                                       memory_bytes=index_bytes)
                 point.update(lists=index.stats.mean_lists_probed, fallback_share=index.stats.fallback_share,
-                             router_us=index.stats.router_seconds_per_query * 1e6, target=target)
+                             router_us=index.stats.router_seconds_per_query * 1e6, target=target,
+                             traffic_shift=index.stats.traffic_shift)
 
     if compressed and not quick and d % 2 == 0:
         _compressed(bench, d, nlist, keys, train_q, steps, seed, threads, time_limit)
