@@ -18,7 +18,8 @@ forecast for its first list − best score found) / ||q||: how far the router mi
 traffic's shares of the calibration queries' strength-quartile × surprise-half cells depart from
 calibration's (a two-sample χ² test), the calibration queries are re-weighted by share ratio and the
 margin recomputed (weighted conformal calibration under covariate shift), with blend 0: under
-shift the router's forecast is what is off. Queries unlike the training sample (weakly matched, or
+shift the router's forecast is what is off (unless the calibrated test, re-weighted, still reaches
+the target: traffic that moved towards easy queries keeps it). Queries unlike the training sample (weakly matched, or
 surprising) then count for more.
 """
 from __future__ import annotations
@@ -169,25 +170,29 @@ def shifted(calibration_counts: np.ndarray, traffic_counts: np.ndarray) -> bool:
 class TrafficMonitor:
     """The margin and blend for the traffic a search sees: the calibrated ``margin`` and ``blend``
     while the queries fall in the calibration queries' (strength, surprise) cells as often as theirs
-    did; else blend 0 and the blend-0 margin re-weighted to the traffic's cell shares
+    did, or while the calibration queries re-weighted to the traffic's cell shares still reach the
+    target with them; else blend 0 and the blend-0 margin re-weighted to the traffic
     (``weighted_margin``), never looser than the blend-0 margin unweighted. A batch of
     ``MIN_EVIDENCE`` queries or more is judged on its own; smaller ones on the history of recent
     traffic (counts halving every ``TRAFFIC_HALF_LIFE`` queries), re-tested every
     ``RECHECK_QUERIES``. Thread-safe.
 
-    strength, surprise ``[n]``: the calibration queries' (``first_round_features``); critical ``[n]``:
-    their critical margins at blend 0 (``critical_margins``); margin, blend: the calibrated test."""
+    strength, surprise ``[n]``: the calibration queries' (``first_round_features``); critical,
+    critical_0 ``[n]``: their critical margins (``critical_margins``) at ``blend`` and at blend 0;
+    margin, blend: the calibrated test."""
 
-    def __init__(self, strength: np.ndarray, surprise: np.ndarray, critical: np.ndarray, target_recall: float,
-                 margin: float, blend: float):
+    def __init__(self, strength: np.ndarray, surprise: np.ndarray, critical: np.ndarray, critical_0: np.ndarray,
+                 target_recall: float, margin: float, blend: float):
         quantiles = lambda x, b: np.quantile(x, np.linspace(0, 1, b + 1)[1:-1], method="lower")  # noqa: E731
         self.strength_edges, self.surprise_edges = quantiles(strength, STRENGTH_BINS), quantiles(surprise, SURPRISE_BINS)
         self._strength_list, self._surprise_list = self.strength_edges.tolist(), self.surprise_edges.tolist()
         self.target_recall, self.margin, self.blend = target_recall, margin, blend
-        order = np.argsort(-critical, kind="stable")
-        self._critical, self._cells = critical[order], self.cells(strength, surprise)[order]
+        self._cells = self.cells(strength, surprise)
+        self._right = (margin < critical) | np.isposinf(critical)  # the calibrated test is right on them
+        order = np.argsort(-critical_0, kind="stable")
+        self._critical_0, self._cells_0 = critical_0[order], self._cells[order]
         self._calibration_counts = np.bincount(self._cells, minlength=STRENGTH_BINS * SURPRISE_BINS).astype(np.float64)
-        self._shifted_margin = margin_for_recall(critical, target_recall)[0]  # blend 0, unweighted
+        self._margin_0 = margin_for_recall(critical_0, target_recall)[0]
         self._counts = np.zeros_like(self._calibration_counts)
         self._since_check = 0
         self._current = (margin, blend, False)
@@ -231,8 +236,12 @@ class TrafficMonitor:
         if counts.sum() < MIN_EVIDENCE or not shifted(self._calibration_counts, counts):
             return self.margin, self.blend, False
         ratio = (counts / counts.sum()) / np.maximum(self._calibration_counts / self._calibration_counts.sum(), 1e-12)
-        weights = np.maximum(ratio[self._cells], 1e-6)  # a cell the traffic left keeps a trace of its queries
-        return min(self._shifted_margin, weighted_margin(self._critical, weights, self.target_recall)), 0.0, True
+        cell_weight = np.maximum(ratio, 1e-6)  # a cell the traffic left keeps a trace of its queries
+        weights = cell_weight[self._cells]
+        if weights[self._right].sum() / (weights.sum() + weights.max()) >= self.target_recall:
+            return self.margin, self.blend, True  # still right often enough on this traffic
+        return min(self._margin_0, weighted_margin(self._critical_0, cell_weight[self._cells_0], self.target_recall)), \
+            0.0, True
 
 
 @dataclass(frozen=True)
@@ -340,5 +349,6 @@ def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_
     first = route_lists[:, :ends[0]]
     found = np.where(first >= 0, np.take_along_axis(cluster_values, first.clip(0), axis=1), -np.inf).max(axis=1)
     strength, surprise = first_round_features(route_scores[:, 0], found, q_norm)
-    return replace(calibration, traffic=TrafficMonitor(strength, surprise, critical_at[0.0], target_recall,
-                                                       calibration.margin, calibration.blend))
+    return replace(calibration, traffic=TrafficMonitor(strength, surprise, critical_at[calibration.blend],
+                                                       critical_at[0.0], target_recall, calibration.margin,
+                                                       calibration.blend))
