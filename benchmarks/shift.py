@@ -6,13 +6,16 @@ and calibrated on titles of those packages, and two test sets are searched at ea
 - *next packages*: titles of the next ``--shifted`` packages, whose own descriptions are absent.
 
 Each with the margins of ``topics.MARGINS``: the calibration queries' one margin, the default
-(that margin, re-weighted when the traffic's first-round strengths depart from calibration's) and a
-margin per quartile of the router's forecast. Each test set is searched as one batch, and at target
+(that margin, re-weighted when the traffic's first rounds depart from calibration's:
+``confidence.TrafficMonitor``) and a margin per quartile of the router's forecast. Each test set is searched as one batch, and at target
 0.95 with the default also one query per call on a fresh copy of the index (no traffic history: the
 first ``MIN_EVIDENCE`` queries are judged unshifted). Also QPS at 1 and 2 threads on the
-same-packages set.
+unshifted set.
 
-    python -m benchmarks.shift
+``--data glove``: the same on GloVe, training on frequent words and testing on rare ones
+(``shifted_glove``); ``--keys``, ``--shifted`` and ``--steps`` are Debian's.
+
+    python -m benchmarks.shift [--data glove --out benchmarks/results/shift-glove]
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import time
 import numpy as np
 
 import amips_faiss as af
-from amips_faiss.data import default_debian_path, load_folder
+from amips_faiss.data import default_debian_path, glove_vectors, load_folder
 from amips_faiss.metrics import found_scores, match_rate
 from amips_faiss.targets import split_queries, support_values
 
@@ -47,6 +50,26 @@ def shifted_debian(n_keys: int = 10_000, n_shifted: int = 2_000, steps: int = 2_
     index.train(keys, titles[parts["train"]], steps=steps, time_limit=None, progress=False)
     index.add(keys)
     tests = {"same packages": titles[parts["test"]], "next packages": titles[n_keys:n_keys + n_shifted]}
+    return keys, index, tests, time.perf_counter() - start
+
+
+def shifted_glove(n_test: int = 3_000, seed: int = 0) -> tuple[np.ndarray, af.IndexAMIPS, dict[str, np.ndarray], float]:
+    """The same check on GloVe (unnormalised, a set the traffic monitor was not tuned on): a seeded
+    60% of the 400k words are the keys; the router is trained (2 threads, default ``TrainConfig``)
+    on the other words among the 150,000 most frequent, and tested on ``n_test`` held-out ones
+    ("frequent words") and on ``n_test`` words of frequency rank 300,000 or more ("rare words")."""
+    vectors = glove_vectors()
+    rng = np.random.default_rng(seed)
+    is_key = rng.random(len(vectors)) < 0.6
+    rank = np.arange(len(vectors))  # the file is in frequency order
+    frequent, rare = (rng.permutation(np.flatnonzero(~is_key & band)) for band in (rank < 150_000, rank >= 300_000))
+    keys = vectors[is_key]
+    af.set_num_threads(2)
+    index = af.IndexAMIPS(keys.shape[1], af.default_nlist(len(keys)))
+    start = time.perf_counter()
+    index.train(keys, vectors[frequent[n_test:]], progress=False, seed=seed)
+    index.add(keys)
+    tests = {"frequent words": vectors[frequent[:n_test]], "rare words": vectors[rare[:n_test]]}
     return keys, index, tests, time.perf_counter() - start
 
 
@@ -75,11 +98,13 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=10_000)
+    ap.add_argument("--data", choices=("debian", "glove"), default="debian")
     ap.add_argument("--shifted", type=int, default=2_000)
     ap.add_argument("--steps", type=int, default=2_000)
     ap.add_argument("--out", default="benchmarks/results/shift")
     args = ap.parse_args(argv)
-    keys, index, tests, build_seconds = shifted_debian(args.keys, args.shifted, args.steps)
+    keys, index, tests, build_seconds = shifted_debian(args.keys, args.shifted, args.steps) \
+        if args.data == "debian" else shifted_glove()
     rows = [{"build_s": round(build_seconds, 1), "calibration_queries": index.n_calibration}]
     af.set_num_threads(1)
     for name, test in tests.items():
@@ -99,7 +124,7 @@ def main(argv=None) -> None:
                               np.array(answers), exact, stream), "shift_seen_share": round(float(np.mean(shifted)), 3)})
         print(json.dumps(rows[-1]), flush=True)
     params = af.SearchParametersAMIPS(target_recall=0.95)
-    big = np.tile(tests["same packages"], (3, 1))  # a batch big enough to split across threads
+    big = np.tile(next(iter(tests.values())), (3, 1))  # the unshifted set, big enough to split across threads
     for threads in (1, 2):
         af.set_num_threads(threads)
         seconds, _ = timed(lambda x: index.search(x, 1, params=params), big, 5)

@@ -35,8 +35,8 @@ from .run import on_same_lists, timed
 
 NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 # how the confidence margin is set: the calibration queries' one margin, the default (that margin,
-# re-weighted when the traffic's first-round strengths depart from calibration's), one per quartile
-# of the router's forecast
+# re-weighted when the traffic's first rounds depart from calibration's), one per quartile of the
+# router's forecast
 MARGINS = {"one, fixed": dict(adaptive_margin=False), "one, adaptive (default)": {},
            "per forecast quartile": dict(calibration_bins=4)}
 
