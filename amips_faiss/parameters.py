@@ -87,8 +87,9 @@ class SearchParametersAMIPS:
     forecast missed it) fall in the calibration queries' cells in other shares than theirs, the
     calibration is re-weighted to the traffic, the margin tightened and the blend set to 0
     (``confidence.TrafficMonitor``; ``index.stats.traffic_shift`` says so). Batches under 256
-    queries are judged on the recent traffic; False = the calibration queries' test, whatever the
-    traffic.
+    queries are judged on the recent traffic, so on shifted traffic the same small batch may probe
+    more lists later than at first; False = the calibration queries' test, whatever the traffic
+    (answers that depend on nothing but the query).
     sel (per call only, as in
     faiss): a faiss ``IDSelector`` over user ids (Batch, Range, Bitmap, Array, Not/And/Or, ...) or an
     array of allowed ids; the answer is then the filtered MIPS answer, −1 padded when fewer than k
