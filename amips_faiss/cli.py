@@ -51,7 +51,7 @@ def cmd_search(args) -> dict:
     D, I = index.search(queries, args.k, params=_params(args))
     np.savez(args.output, D=D, I=I)
     return {"output": args.output, "n": len(queries), "k": args.k, "mean_lists_probed": index.stats.mean_lists_probed,
-            "fallback_share": index.stats.fallback_share}
+            "fallback_share": index.stats.fallback_share, "traffic_shift": index.stats.traffic_shift}
 
 
 def cmd_eval(args) -> dict:
@@ -65,7 +65,7 @@ def cmd_eval(args) -> dict:
     seconds = time.perf_counter() - t
     out = {"n": len(queries), "match_rate": match_rate(found_scores(keys, queries, I[:, 0]), exact.values),
            "qps": len(queries) / seconds, "mean_lists_probed": index.stats.mean_lists_probed,
-           "fallback_share": index.stats.fallback_share}
+           "fallback_share": index.stats.fallback_share, "traffic_shift": index.stats.traffic_shift}
     if args.k >= 10:
         import faiss
         flat = faiss.IndexFlatIP(keys.shape[1])

@@ -19,7 +19,7 @@ def test_build_search_eval_info(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["ntotal"] == 3000
     assert main(["search", "--index", idx, "--queries", str(tmp_path / "t.npy"), "-k", "5",
                  "-o", str(tmp_path / "r.npz")]) == 0
-    capsys.readouterr()
+    assert json.loads(capsys.readouterr().out)["traffic_shift"] is False  # test queries like the training ones
     assert np.load(tmp_path / "r.npz")["I"].shape == (500, 5)
     assert main(["--quiet", "eval", "--index", idx, "--keys", str(tmp_path / "k.npy"), "--queries",
                  str(tmp_path / "t.npy"), "--target-recall", "0.99"]) == 0
