@@ -108,8 +108,7 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
         return D, I, SearchStats(n, float(np.count_nonzero(listed.counts)), 1, 0.0, 0.0,
                                  time.perf_counter() - start_time, brute_force=True)
     monitor, traffic_shift, blend = traffic_monitor(calibration, p), False, p.blend
-    ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) \
-        if p.margin < math.inf or monitor is not None else [p.nprobe]
+    ends = round_ends(p, nlist, monitor)
     views = FlatListViews(ivf)  # made once if a round scans flat lists by BLAS
     scan_views = listed.views(views) if listed else views
 
@@ -178,6 +177,14 @@ def traffic_monitor(calibration: confidence.Calibration | None, p: SearchParamet
     return calibration.traffic
 
 
+def round_ends(p: SearchParametersAMIPS, nlist: int, monitor: confidence.TrafficMonitor | None) -> list[int]:
+    """The lists probed by the end of each round: the probe schedule, or one round of ``nprobe``
+    when the margin is "always sure" and no traffic monitor may tighten it."""
+    if p.margin < math.inf or monitor is not None:
+        return confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist)
+    return [p.nprobe]
+
+
 def _rank_rest_once(rank, n: int, width: int):
     """``rank`` (``Router.ranker``'s) for a small batch of ``n`` rows: the first round (every row, a
     slice) ranks only what it asks; a row's first later round ranks its whole schedule, ``width``
@@ -218,8 +225,7 @@ def search_one(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchPar
     if buffer.ntotal:
         merge_into(D, I, row, *buffer.search(xq, k))
     monitor, traffic_shift, blend = traffic_monitor(calibration, p), False, p.blend
-    ends = confidence.probe_schedule(p.nprobe, p.max_nprobe, nlist) \
-        if p.margin < math.inf or monitor is not None else [p.nprobe]
+    ends = round_ends(p, nlist, monitor)
     router_seconds = -time.perf_counter()
     rank = router.ranker(xq)
     # the first round's order (and the next list's score); every later round's only if one runs
