@@ -8,31 +8,27 @@ between its BLAS and SIMD paths):
 - ``scan_faiss``: faiss ``search_preassigned``, for every IVF kind (flat, SQ, PQ, fast-scan).
   Query-major: each (query, list) pair is scanned on its own.
 - ``scan_blas_by_list``: for flat lists only. The pairs are grouped by list and each list meets all of its
-  queries in one BLAS product, then keeps its k best per query (the idea of faiss's
-  ``contrib.big_batch_search``). On the Debian set (lists of ~61 keys, 384-d, one thread) a pair
-  costs ~2–3 µs this way against ~6.4 µs in ``search_preassigned``, once a list has several queries;
-  with fewer, its per-list overhead loses.
+  queries in one BLAS product (the idea of faiss's ``contrib.big_batch_search``), whose scores go
+  straight into each query's k-heap (faiss's ``HeapArray``, C++). Given each query's *floor* (its
+  k-th best from earlier rounds), the heaps start at the floor, so only keys above it enter.
+  Measured against faiss's scan (one thread, plans of router-ordered lists, 40–4,000 queries, k = 10,
+  5 alternations, medians): Debian (61 keys × 384-d per list) even at ~4 pairs per list, 1.3× at 6.8,
+  2.3–3.3× from 33; 1M synthetic keys (250 × 384-d) even at ~5 pairs, 1.3× at 8, 3–4× from 32;
+  GloVe (137 × 50-d) even at ~7.5 pairs, 1.4× at 16, 2.4–2.9× from 59. With fewer pairs the
+  per-list Python loop loses.
 - ``scan_blas_dense``: for flat lists when most queries probe most of the lists it touches (the exact
   fallback): every query meets every touched list in one BLAS product per list, no grouping, and
   the pairs outside the plan are masked.
-- ``scan_blas_above``: for flat lists in a later round, when each query already holds k results:
-  grouped by list like ``scan_blas_by_list``, but a list keeps only the scores above each query's
-  *floor* (its k-th best so far, below which nothing can enter its top k) instead of sorting its
-  candidates, and the few that pass are ranked once at the end. Measured per round against faiss's
-  scan (one thread, rounds recorded from a 5,000-query search at target 0.99): GloVe (183 keys ×
-  50-d per list) 12–64 pairs per list 2.0–2.8× faster, 8.7 pairs even, 2.6 pairs 0.5×; Debian
-  (61 × 384) 20–32 pairs 1.6–2.1× faster than faiss and 1.2–1.3× than the by-list scan, ~6 pairs even.
 
 ``scan_plan`` picks by ``method`` (the ``scan_method`` search setting): "faiss" always takes
-``scan_faiss``; "blas" takes ``scan_blas_above`` when every query has a floor, else
-``scan_blas_dense`` when the plan covers at least half of the (query, touched list) pairs, else
-``scan_blas_by_list``; "auto" does as "blas" for flat lists and at least ``BLAS_MIN_QUERIES`` queries
-when the plan holds at least ``by_list_min_pairs`` pairs per touched list (and, without floors,
-has ``BY_LIST_MIN_DIM`` dimensions or more) and not ``threaded``, or is dense; else faiss.
-``threaded``: other threads search other queries meanwhile. The by-list scans' Python loop
-(several numpy calls per list) then waits on the GIL, while faiss's loop runs in C++: Debian, target
-0.95, 5,000 queries, two threads against the best one-thread QPS (7–9 alternations, medians): first
-round of 4 lists by-list 1.26–1.34×, faiss's scan 1.52–1.58×; of 8 lists 1.03× and 1.35×.
+``scan_faiss``; "blas" takes ``scan_blas_dense`` when the plan covers at least half of the (query,
+touched list) pairs and not every query has a floor, else ``scan_blas_by_list``; "auto" does as
+"blas" for flat lists and at least ``BLAS_MIN_QUERIES`` queries when the plan is dense or holds at
+least ``by_list_min_pairs`` pairs per touched list and not ``threaded``; else faiss.
+``threaded``: other threads search other queries meanwhile. The by-list scan's Python loop (a few
+calls per list) then waits on the GIL, while faiss's loop runs in C++: Debian, target 0.95, 5,000
+queries, two threads against the best one-thread QPS (7–9 alternations, medians): first round of 4
+lists by-list 1.26–1.34×, faiss's scan 1.52–1.58×; of 8 lists 1.03× and 1.35×.
 
 The BLAS scans read the lists in place through ``FlatListViews``: pointers into faiss's memory,
 valid while the index is not modified (``IndexAMIPS`` holds its read lock for the whole search) and
@@ -49,26 +45,20 @@ import numpy as np
 from .routing import top_lists
 
 EMPTY_SCORE = np.finfo(np.float32).min  # what faiss returns for a missing result (inner product)
-# Pairs per touched list from which the by-list scans beat faiss's (one thread, measured break-even):
-# 6–8 on Debian (61 keys × 384-d per list), ~8.7 on GloVe's later rounds (183 × 50-d); on big lists
-# ~4–4.5, as a list's fixed cost is then small against its product: 1M synthetic keys × 384-d, rounds
-# of one centroid list per query, by-list time ÷ faiss's at 1,000 keys per list 0.54 / 0.72 / 1.11
-# (8.5 / 5.0 / 2.8 pairs per list), at 250 keys 0.75 (7.4 pairs, 4 lists) and 1.16 (2.9).
-BY_LIST_PAIRS_PER_LIST = 8
-BIG_LIST_PAIRS_PER_LIST = 4.5
-BIG_LIST_MULTIPLY_ADDS = 1 << 16  # keys × d per list (mean) from which BIG_LIST_PAIRS_PER_LIST applies
-# Below this dimension faiss's SIMD scan with its heap beats a BLAS product + partial sort per list
-# at any batch: GloVe (50-d, 5,000 queries, target 0.95) 7,448 vs 6,610 QPS on one thread and
-# 15,021 vs 9,181 on two (faiss's C++ loop scales; the per-list Python loop holds the GIL), while
-# on Debian (384-d) BLAS leads, 14,227 vs 9,675 on one thread and 19,771 vs 16,185 on two.
-BY_LIST_MIN_DIM = 128
+# Pairs per touched list from which the by-list scan beats faiss's (one thread, measured break-even,
+# module docstring): ~4–5 where a list holds at least SMALL_LIST_MULTIPLY_ADDS keys × dimensions
+# (Debian 23k, 1M synthetic 96k), ~7.5 below (GloVe 6.8k: the list's product is small against its
+# fixed cost).
+BY_LIST_PAIRS_PER_LIST = 4.5
+SMALL_LIST_PAIRS_PER_LIST = 8
+SMALL_LIST_MULTIPLY_ADDS = 1 << 14
 # Fewer queries than this are always scanned by faiss. Measured (Debian, one thread, µs per call,
 # faiss / BLAS dense): 1 query × 8 lists 59 / 430, × 900 lists 6,821 / 16,631; 8 × 900: 33,555 /
 # 33,874; 16 × 900: 72,232 / 40,841. Reading a list's memory costs ~15 µs, which only a batch repays.
 BLAS_MIN_QUERIES = 16
 DENSE_SHARE = 0.5  # planned share of all (query, touched list) pairs above which scan_blas_dense wins
 SCAN_METHODS = ("auto", "faiss", "blas")
-_MAX_CANDIDATES = 1 << 22  # scores held at once by the by-list (pairs × k) and dense (queries × keys) scans
+_MAX_CANDIDATES = 1 << 22  # scores held at once by the by-list (a list × its queries) and dense (queries × keys) scans
 
 
 def is_flat(ivf) -> bool:
@@ -133,24 +123,22 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
         raise ValueError("scan_method='blas' needs flat lists (IndexIVFFlat); this index compresses its keys")
     if method == "blas" or (method == "auto" and is_flat(ivf) and len(lists) >= BLAS_MIN_QUERIES):
         pairs, touched = _plan_size(lists, ivf.nlist)
-        by_list = method == "blas" or (pairs >= by_list_min_pairs(ivf) * touched and not threaded)
-        if by_list and floor is not None and np.isfinite(floor).all():
-            return scan_blas_above(ivf, xq, k, lists, floor, views)
-        if pairs >= DENSE_SHARE * len(lists) * touched:
+        floors = floor is not None and bool(np.isfinite(floor).all())
+        if not floors and pairs >= DENSE_SHARE * len(lists) * touched:
             return scan_blas_dense(ivf, xq, k, lists, views)
-        if by_list and (method == "blas" or ivf.d >= BY_LIST_MIN_DIM):
-            return scan_blas_by_list(ivf, xq, k, lists, views)
+        if method == "blas" or (pairs >= by_list_min_pairs(ivf) * touched and not threaded):
+            return scan_blas_by_list(ivf, xq, k, lists, views, floor)
     if coarse is None:
         coarse = coarse_distances(ivf, centroids, xq, lists)
     return scan_faiss(ivf, xq, k, lists, coarse, sel)
 
 
 def by_list_min_pairs(ivf) -> float:
-    """Pairs per touched list from which "auto" scans a plan list by list: ``BIG_LIST_PAIRS_PER_LIST``
-    when a mean list holds at least ``BIG_LIST_MULTIPLY_ADDS`` keys × dimensions, else
-    ``BY_LIST_PAIRS_PER_LIST``."""
+    """Pairs per touched list from which "auto" scans a plan list by list: ``BY_LIST_PAIRS_PER_LIST``
+    when a mean list holds at least ``SMALL_LIST_MULTIPLY_ADDS`` keys × dimensions, else
+    ``SMALL_LIST_PAIRS_PER_LIST``."""
     per_list = ivf.ntotal / max(1, ivf.nlist) * ivf.d
-    return BIG_LIST_PAIRS_PER_LIST if per_list >= BIG_LIST_MULTIPLY_ADDS else BY_LIST_PAIRS_PER_LIST
+    return BY_LIST_PAIRS_PER_LIST if per_list >= SMALL_LIST_MULTIPLY_ADDS else SMALL_LIST_PAIRS_PER_LIST
 
 
 def _plan_size(lists: np.ndarray, nlist: int) -> tuple[int, int]:
@@ -194,21 +182,41 @@ def _ivf_params(nprobe: int):
     return faiss.SearchParametersIVF(nprobe=nprobe)
 
 
-def scan_blas_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Flat lists only: group the (query, list) pairs by list, one BLAS product per list.
-    ``views``: the caller's views of the lists (made and released here when None)."""
+def scan_blas_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None,
+                      floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Flat lists only: group the (query, list) pairs by list, one BLAS product per list, whose
+    scores go straight into each query's k-heap. ``floor [n]``: each query's k-th best so far
+    (−inf: fewer than k); keys scoring at or below it are left out. ``views``: the caller's views
+    of the lists (made and released here when None)."""
     with _views_of(ivf, views, lists) as (keys, ids):
-        return _by_list(keys, ids, xq, k, lists)
+        return _by_list(keys, ids, xq, k, lists, floor)
 
 
-def _by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n, p = lists.shape
-    D = np.full((n, k), EMPTY_SCORE, np.float32)
+def _by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray, floor: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    n = len(lists)
+    _, bounds, query_of = _pairs_by_list(lists, len(keys))
+    # Each query's results are a faiss min-heap over D, I. A floor fills its heap with placeholders
+    # (id −1) at the floor, so only higher scores enter; reorder() sorts and drops the placeholders.
+    D = np.full((n, k), EMPTY_SCORE, np.float32) if floor is None else np.repeat(
+        np.asarray(floor, np.float32)[:, None], k, axis=1)
     I = np.full((n, k), -1, np.int64)
-    step = max(1, _MAX_CANDIDATES // max(1, p * k))
-    for lo in range(0, n, step):
-        D[lo:lo + step], I[lo:lo + step] = _by_list_block(keys, ids, xq[lo:lo + step], k, lists[lo:lo + step])
+    heaps = faiss.float_minheap_array_t()
+    heaps.nh, heaps.k, heaps.val, heaps.ids = n, k, faiss.swig_ptr(D), faiss.swig_ptr(I)
+    for i in np.flatnonzero(np.diff(bounds)).tolist():
+        list_keys = keys[i]
+        if list_keys is None:
+            continue
+        size, end = len(list_keys), int(bounds[i + 1])
+        step = max(1, _MAX_CANDIDATES // size)  # bounded memory for a list that many queries probe
+        for a in range(int(bounds[i]), end, step):
+            queries = query_of[a:min(a + step, end)]
+            # keys first, then one transposing copy: faster in OpenBLAS for few queries per list
+            # (first round, one thread, 5 alternations: Debian 81 vs 83 ms, 1M synthetic 290 vs 369)
+            scores = np.ascontiguousarray((list_keys @ xq[queries].T).T)
+            heaps.addn_query_subset_with_ids(len(queries), faiss.swig_ptr(queries), size, faiss.swig_ptr(scores),
+                                             faiss.swig_ptr(ids[i]), 0)
+    heaps.reorder()
     return D, I
 
 
@@ -220,65 +228,6 @@ def _pairs_by_list(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarra
     order = np.argsort(flat, kind="stable")
     bounds = np.searchsorted(flat[order], np.arange(nlist + 1))
     return order, bounds, order // lists.shape[1]
-
-
-def scan_blas_above(ivf, xq: np.ndarray, k: int, lists: np.ndarray, floor: np.ndarray,
-                    views: FlatListViews | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Flat lists only: the k best keys of each query among its lists that score above its ``floor
-    [n]`` (finite), −FLT_MAX / −1 padded; grouped by list, one BLAS product per list, no sort per
-    list. ``views``: the caller's views of the lists (made and released here when None)."""
-    with _views_of(ivf, views, lists) as (keys, ids):
-        return _above(keys, ids, xq, k, lists, floor)
-
-
-def _above(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray, floor: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray]:
-    n = len(lists)
-    _, bounds, query_of = _pairs_by_list(lists, len(keys))
-    x_t = np.ascontiguousarray(xq.T)  # [d, n]: keys @ x_t[:, queries] is the faster order in OpenBLAS
-    floor = floor.astype(np.float32)  # a copy: raised as results are folded in
-    D = np.full((n, k), EMPTY_SCORE, np.float32)
-    I = np.full((n, k), -1, np.int64)
-    hits, held = ([], [], []), 0  # (query, score, id) of the scores above the floor, per list
-    for i in np.flatnonzero(np.diff(bounds)):
-        if keys[i] is None:
-            continue
-        queries = query_of[bounds[i]:bounds[i + 1]]
-        scores = keys[i] @ x_t[:, queries]  # [list size, queries]
-        above = scores > floor[queries]
-        if above.any():  # most lists of a later round hold none: cheaper than nonzero
-            r, c = np.nonzero(above)
-            hits[0].append(queries[c])
-            hits[1].append(scores[r, c])
-            hits[2].append(ids[i][r])
-            held += len(r)
-            if held > _MAX_CANDIDATES:  # bounded memory: fold them in, which also raises the floors
-                _fold(D, I, floor, hits)
-                held = 0
-    _fold(D, I, floor, hits)
-    return D, I
-
-
-def _fold(D: np.ndarray, I: np.ndarray, floor: np.ndarray, hits: tuple) -> None:
-    """Rank the ``hits`` (lists of query, score, id arrays; emptied) with the results already in
-    ``D, I [n, k]`` into D, I, best first per query (on ties, the earlier first), and raise ``floor
-    [n]`` to the k-th best where a query holds k."""
-    if not hits[0]:
-        return
-    n, k = D.shape
-    found = D > EMPTY_SCORE
-    query = np.concatenate([np.nonzero(found)[0]] + hits[0])
-    score = np.concatenate([D[found]] + hits[1])
-    ids = np.concatenate([I[found]] + hits[2])
-    for h in hits:
-        h.clear()
-    order = np.lexsort((-score, query))  # by query, then score descending; stable
-    query, score, ids = query[order], score[order], ids[order]
-    rank = np.arange(len(query)) - np.searchsorted(query, query)  # position within its query
-    keep = rank < k
-    D[:], I[:] = EMPTY_SCORE, -1
-    D[query[keep], rank[keep]], I[query[keep], rank[keep]] = score[keep], ids[keep]
-    np.maximum(floor, np.where(D[:, -1] > EMPTY_SCORE, D[:, -1], floor), out=floor)
 
 
 def scan_blas_dense(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None
@@ -329,31 +278,3 @@ def _dense(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> 
         D[lo:lo + step, :kk], cols = top_lists(scores, kk)
         I[lo:lo + step, :kk] = np.where(D[lo:lo + step, :kk] > EMPTY_SCORE, all_ids[cols], -1)
     return D, I
-
-
-def _by_list_block(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n, p = lists.shape
-    order, bounds, query_of = _pairs_by_list(lists, len(keys))
-    pair_D = np.full((n * p, k), EMPTY_SCORE, np.float32)  # each pair's k best, in list order
-    pair_I = np.full((n * p, k), -1, np.int64)
-    rows = np.arange(n)[:, None]
-    for i in np.flatnonzero(np.diff(bounds)):
-        if keys[i] is None:
-            continue
-        a, b = bounds[i], bounds[i + 1]
-        # keys first: OpenBLAS's faster order for few queries. First rounds, one thread, 5 alternations:
-        # 1M synthetic (250 keys × 384-d per list, 8.6 pairs) 402 → 341 ms; Debian 4–16 lists even
-        scores = (keys[i] @ xq[query_of[a:b]].T).T
-        size = scores.shape[1]
-        if size > k:
-            best = np.argpartition(scores, size - k, axis=1)[:, size - k:]
-            pair_D[a:b] = scores[rows[:b - a], best]
-            pair_I[a:b] = ids[i][best]
-        else:
-            pair_D[a:b, :size] = scores
-            pair_I[a:b, :size] = ids[i]
-    cand_D = np.empty_like(pair_D)
-    cand_I = np.empty_like(pair_I)
-    cand_D[order], cand_I[order] = pair_D, pair_I  # back to query order: row = query, p·k candidates
-    D, cols = top_lists(cand_D.reshape(n, p * k), k)
-    return D, np.take_along_axis(cand_I.reshape(n, p * k), cols, axis=1)

@@ -105,7 +105,7 @@ def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch)
 @pytest.mark.parametrize("n_keys, chosen", [(400, "scan_faiss"), (2400, "scan_blas_by_list")])
 def test_auto_scans_big_lists_by_list_from_fewer_pairs(monkeypatch, n_keys, chosen):
     """A plan of 5 pairs per list goes to faiss over small lists (100 keys × 128-d) and list by list
-    over big ones (600 × 128-d, past ``BIG_LIST_MULTIPLY_ADDS``), with faiss's answers either way."""
+    over big ones (600 × 128-d, past ``SMALL_LIST_MULTIPLY_ADDS``), with faiss's answers either way."""
     nlist = 4
     ivf, xq = _gaussian_ivf(1, n_keys, 20, 128, nlist)
     lists = (np.arange(20) % nlist)[:, None]
@@ -117,14 +117,14 @@ def test_auto_scans_big_lists_by_list_from_fewer_pairs(monkeypatch, n_keys, chos
     np.testing.assert_array_equal(I[:, 0], I_faiss[:, 0])
 
 
-@pytest.mark.parametrize("fold_every", [None, 50])
-def test_scan_above_the_floor_completes_the_top_k(synthetic, trained, monkeypatch, fold_every):
-    """A later round scanned with each query's floor (its k-th best after the first lists), merged
-    with the first round, gives faiss's answer over all lists; keys at or below the floor are left
-    out. Also when the survivors are folded in as they come (bounded memory), and for a query with
-    no floor (−inf: everything passes)."""
-    if fold_every:
-        monkeypatch.setattr(scan, "_MAX_CANDIDATES", fold_every)
+@pytest.mark.parametrize("max_candidates", [None, 50])
+def test_scan_above_the_floor_completes_the_top_k(synthetic, trained, monkeypatch, max_candidates):
+    """A later round scanned list by list with each query's floor (its k-th best after the first
+    lists), merged with the first round, gives faiss's answer over all lists; keys at or below the
+    floor are left out. Also when a list meets its queries a few at a time (bounded memory), and for
+    a query with no floor (−inf: everything passes)."""
+    if max_candidates:
+        monkeypatch.setattr(scan, "_MAX_CANDIDATES", max_candidates)
     index = trained("centroid", synthetic)
     xq, k = synthetic["test"][:300], 10
     _, lists = index.router.route(xq, 12)
@@ -134,7 +134,7 @@ def test_scan_above_the_floor_completes_the_top_k(synthetic, trained, monkeypatc
     D, I = scan_faiss(index.ivf, xq, k, lists[:, :2], coarse[:, :2])
     floor = D[:, -1].copy()
     floor[0] = -np.inf
-    D_above, I_above = scan.scan_blas_above(index.ivf, xq, k, lists[:, 2:], floor)
+    D_above, I_above = scan_blas_by_list(index.ivf, xq, k, lists[:, 2:], floor=floor)
     passed = D_above > EMPTY_SCORE
     assert (D_above[passed] > np.repeat(floor, k).reshape(-1, k)[passed]).all() and passed[0].all()
     assert (np.diff(D_above, axis=1) <= 0).all() and ((I_above >= 0) == passed).all()
