@@ -27,8 +27,9 @@ touched list) pairs and not every query has a floor, else ``scan_blas_by_list``;
 least ``by_list_min_pairs`` pairs per touched list and not ``threaded``; else faiss.
 ``threaded``: other threads search other queries meanwhile. The by-list scan's Python loop (a few
 calls per list) then waits on the GIL, while faiss's loop runs in C++: Debian, target 0.95, 5,000
-queries, two threads against the best one-thread QPS (7–9 alternations, medians): first round of 4
-lists by-list 1.26–1.34×, faiss's scan 1.52–1.58×; of 8 lists 1.03× and 1.35×.
+queries, each of two threads on half of them (5 alternations, medians): by-list in both threads
+30,321 QPS, faiss's scan in both 33,367 (one thread, by-list: 24,421). One round's lists split over
+two threads, by-list, ran only 1.03–1.36× faster than on one.
 
 The BLAS scans read the lists in place through ``FlatListViews``: pointers into faiss's memory,
 valid while the index is not modified (``IndexAMIPS`` holds its read lock for the whole search) and
