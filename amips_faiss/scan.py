@@ -21,10 +21,11 @@ between its BLAS and SIMD paths):
   the pairs outside the plan are masked.
 
 ``scan_plan`` picks by ``method`` (the ``scan_method`` search setting): "faiss" always takes
-``scan_faiss``; "blas" takes ``scan_blas_dense`` when the plan covers at least half of the (query,
-touched list) pairs and not every query has a floor, else ``scan_blas_by_list``; "auto" does as
-"blas" for flat lists and at least ``BLAS_MIN_QUERIES`` queries when the plan is dense or holds at
-least ``by_list_min_pairs`` pairs per touched list and not ``threaded``; else faiss.
+``scan_faiss``; "blas" takes ``scan_blas_by_list`` when every query has a floor, else
+``scan_blas_dense`` when the plan covers at least half of the (query, touched list) pairs, else
+``scan_blas_by_list``; "auto" does the same for flat lists and at least ``BLAS_MIN_QUERIES``
+queries, scanning by list only plans of at least ``by_list_min_pairs`` pairs per touched list and
+not ``threaded`` (dense plans still go to ``scan_blas_dense``); else faiss.
 ``threaded``: other threads search other queries meanwhile. The by-list scan's Python loop (a few
 calls per list) then waits on the GIL, while faiss's loop runs in C++: Debian, target 0.95, 5,000
 queries, each of two threads on half of them (5 alternations, medians): by-list in both threads
@@ -124,10 +125,12 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
         raise ValueError("scan_method='blas' needs flat lists (IndexIVFFlat); this index compresses its keys")
     if method == "blas" or (method == "auto" and is_flat(ivf) and len(lists) >= BLAS_MIN_QUERIES):
         pairs, touched = _plan_size(lists, ivf.nlist)
-        floors = floor is not None and bool(np.isfinite(floor).all())
-        if not floors and pairs >= DENSE_SHARE * len(lists) * touched:
+        by_list = method == "blas" or (pairs >= by_list_min_pairs(ivf) * touched and not threaded)
+        if by_list and floor is not None and np.isfinite(floor).all():
+            return scan_blas_by_list(ivf, xq, k, lists, views, floor)
+        if pairs >= DENSE_SHARE * len(lists) * touched:
             return scan_blas_dense(ivf, xq, k, lists, views)
-        if method == "blas" or (pairs >= by_list_min_pairs(ivf) * touched and not threaded):
+        if by_list:
             return scan_blas_by_list(ivf, xq, k, lists, views, floor)
     if coarse is None:
         coarse = coarse_distances(ivf, centroids, xq, lists)
@@ -196,7 +199,7 @@ def scan_blas_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: Fla
 def _by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray, floor: np.ndarray | None
              ) -> tuple[np.ndarray, np.ndarray]:
     n = len(lists)
-    _, bounds, query_of = _pairs_by_list(lists, len(keys))
+    bounds, query_of = _pairs_by_list(lists, len(keys))
     # Each query's results are a faiss min-heap over D, I. A floor fills its heap with placeholders
     # (id −1) at the floor, so only higher scores enter; reorder() sorts and drops the placeholders.
     D = np.full((n, k), EMPTY_SCORE, np.float32) if floor is None else np.repeat(
@@ -221,14 +224,13 @@ def _by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray, f
     return D, I
 
 
-def _pairs_by_list(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The plan's (query, list) pairs grouped by list: ``order`` of the flattened ``lists [n, p]``
-    (stable; the −1s come first and are skipped), ``bounds [nlist + 1]`` (list i's pairs are
-    ``order[bounds[i]:bounds[i + 1]]``) and the query of each grouped pair."""
+def _pairs_by_list(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plan's (query, list) pairs grouped by list: ``bounds [nlist + 1]`` into ``query_of``, the
+    query of each pair in list order (stable; the −1 entries come first and are skipped): list i's
+    queries are ``query_of[bounds[i]:bounds[i + 1]]``."""
     flat = lists.reshape(-1)
     order = np.argsort(flat, kind="stable")
-    bounds = np.searchsorted(flat[order], np.arange(nlist + 1))
-    return order, bounds, order // lists.shape[1]
+    return np.searchsorted(flat[order], np.arange(nlist + 1)), order // lists.shape[1]
 
 
 def scan_blas_dense(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None

@@ -102,6 +102,24 @@ def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch)
     assert (I_threaded[:, 0] == I_one[:, 0]).mean() > 0.98
 
 
+def test_a_dense_plan_with_floors_goes_by_list_on_one_thread_and_dense_on_several(monkeypatch):
+    """Every query over every list (the exact fallback) with floors from an earlier round: list by
+    list from the floors on one thread, one dense BLAS product per list when other threads scan
+    (never faiss's per-pair scan); the same answers either way."""
+    nlist = 8
+    ivf, xq = _gaussian_ivf(2, 2000, 64, 128, nlist)
+    lists = np.tile(np.arange(nlist), (64, 1))
+    floor = scan.scan_faiss(ivf, xq, 5, lists[:, :1], np.zeros((64, 1), np.float32))[0][:, -1]
+    used = _record_scans(monkeypatch)
+    D_one, _ = scan.scan_plan(ivf, xq, 5, lists, floor=floor)
+    D_threaded, _ = scan.scan_plan(ivf, xq, 5, lists, threaded=True, floor=floor)
+    assert used == ["scan_blas_by_list", "scan_blas_dense"]
+    D_faiss, _ = scan.scan_faiss(ivf, xq, 5, lists, np.zeros(lists.shape, np.float32))
+    np.testing.assert_allclose(D_threaded, D_faiss, rtol=1e-5, atol=1e-5)
+    above = D_one > EMPTY_SCORE
+    np.testing.assert_allclose(D_one[above], D_faiss[above], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_keys, chosen", [(400, "scan_faiss"), (2400, "scan_blas_by_list")])
 def test_auto_scans_big_lists_by_list_from_fewer_pairs(monkeypatch, n_keys, chosen):
     """A plan of 5 pairs per list goes to faiss over small lists (100 keys × 128-d) and list by list
