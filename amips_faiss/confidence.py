@@ -282,9 +282,7 @@ def replay(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np
     right after the fallback ``[n] bool`` (arguments as in ``calibrate_margin``)."""
     n = len(route_scores)
     best = cluster_values.argmax(axis=1)
-    true_in_order = np.take_along_axis(cluster_values, route_lists.clip(0), axis=1)
-    true_in_order[route_lists < 0] = -np.inf
-    found = np.maximum.accumulate(true_in_order, axis=1)
+    found = found_in_order(route_lists, cluster_values)
     hit = route_lists == best[:, None]
     rank = np.where(hit.any(axis=1), hit.argmax(axis=1), cluster_values.shape[1])
     padded = np.hstack([route_scores, np.full((n, 1), -np.inf, np.float32)])
@@ -292,6 +290,14 @@ def replay(route_scores: np.ndarray, route_lists: np.ndarray, cluster_values: np
     round_gaps = np.stack([gaps(padded[:, e], found[:, e - 1], q_norm, route_scores[:, 0], blend) for e in ends],
                           axis=1)
     return round_gaps, round_correct, round_correct[:, -1] | fallback_hits
+
+
+def found_in_order(route_lists: np.ndarray, cluster_values: np.ndarray) -> np.ndarray:
+    """The best exact value found by each rank of the route ``[n, p]`` (−1 = skipped, −inf until a
+    list is probed), from the exact per-list values ``cluster_values [n, nlist]``."""
+    true_in_order = np.take_along_axis(cluster_values, route_lists.clip(0), axis=1)
+    true_in_order[route_lists < 0] = -np.inf
+    return np.maximum.accumulate(true_in_order, axis=1)
 
 
 def first_round_features(first_score: np.ndarray, found: np.ndarray, q_norm: np.ndarray
@@ -346,8 +352,7 @@ def calibrate_margin(route_scores: np.ndarray, route_lists: np.ndarray, cluster_
     if 0.0 not in critical_at:
         critical_at[0.0] = critical_margins(*replay(route_scores, route_lists, cluster_values, q_norm, ends,
                                                     fallback_hits, 0.0))
-    first = route_lists[:, :ends[0]]
-    found = np.where(first >= 0, np.take_along_axis(cluster_values, first.clip(0), axis=1), -np.inf).max(axis=1)
+    found = found_in_order(route_lists[:, :ends[0]], cluster_values)[:, -1]
     strength, surprise = first_round_features(route_scores[:, 0], found, q_norm)
     return replace(calibration, traffic=TrafficMonitor(strength, surprise, critical_at[calibration.blend],
                                                        critical_at[0.0], target_recall, calibration.margin,
