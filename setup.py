@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["amips_faiss", "amips_faiss.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy>=1.24", "faiss-cpu>=1.8", "torch>=2.1", "tqdm>=4.60", "threadpoolctl>=3.0", "bm25s>=0.2"],
+    install_requires=["numpy>=1.24", "faiss-cpu>=1.8", "torch>=2.1", "tqdm>=4.60", "threadpoolctl>=3.0", "bm25s>=0.2", "numba>=0.59"],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.6"],
         "ray": ["ray>=2.9"],

@@ -87,13 +87,14 @@ class ListFilter:
 
 
 class _FilteredViews:
-    """Called like ``scan.FlatListViews``: ``(keys, ids)`` of the plan's lists, only the allowed rows
-    (None for a list with none), cut on first need."""
+    """Called like ``scan.FlatListViews`` (and its ``addresses``): the plan's lists, only the allowed
+    rows (None, or address 0 and size 0, for a list with none), cut on first need."""
 
     def __init__(self, list_filter: ListFilter, flat_views):
         self._filter, self._flat = list_filter, flat_views
         nlist = len(list_filter.counts)
         self._keys, self._ids = [None] * nlist, [None] * nlist
+        self._table = np.zeros((3, nlist), np.int64)  # key address, id address, size
         self._done = np.zeros(nlist, bool)
 
     def __call__(self, lists: np.ndarray) -> tuple[list, list]:
@@ -104,5 +105,10 @@ class _FilteredViews:
             for i in need.tolist():
                 mask = self._filter._masks[i]
                 self._keys[i], self._ids[i] = keys[i][mask], ids[i][mask]
+                self._table[:, i] = self._keys[i].ctypes.data, self._ids[i].ctypes.data, len(self._ids[i])
         self._done[need] = True
         return self._keys, self._ids
+
+    def addresses(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self(lists)
+        return self._table[0], self._table[1], self._table[2]

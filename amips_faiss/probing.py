@@ -14,15 +14,16 @@ per-list values are known, for ``confidence.calibrate_margin``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 import threadpoolctl
+from concurrent.futures import ThreadPoolExecutor
 
-from . import confidence
+from . import confidence, kernels
 from .filtering import ListFilter
 from .parameters import SearchParametersAMIPS, SearchStats
 from .routing import Router, top_lists
@@ -45,9 +46,7 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
                     ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """``search`` on blocks of a batch: at most ``block_rows(nlist)`` queries at a time (the router's
     ``[rows, nlist]`` scores stay within ``SCORE_BLOCK_BYTES``), and a big batch on up to
-    ``n_threads`` blocks at once, each thread with one BLAS and one OpenMP thread (numpy, BLAS and
-    faiss release the GIL while they work): the second core works on other queries instead of
-    splitting small per-list products. Small batches run as one."""
+    ``n_threads`` blocks at once, each thread with one BLAS and one OpenMP thread."""
     n = len(xq)
     if n == 1 and p.sel is None:
         return search_one(ivf, router, buffer, xq, k, p, centroids, calibration)
@@ -58,21 +57,42 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     start = time.perf_counter()
     bounds = np.linspace(0, n, n_blocks + 1).astype(int)
 
-    def run(lo: int, hi: int):
-        return search(ivf, router, buffer, xq[lo:hi], k, p, centroids, calibration, threaded=threads > 1)
+    # one set of list views for all blocks, loaded up front (loading takes the GIL, list by list)
+    views = FlatListViews(ivf)
+    if threads > 1 and is_flat(ivf):
+        views(np.arange(ivf.nlist))
 
-    if threads > 1:
-        with threadpoolctl.threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(
-                threads, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
-            parts = list(pool.map(run, bounds[:-1], bounds[1:]))
-    else:
-        parts = [run(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    def run(lo: int, hi: int):
+        return search(ivf, router, buffer, xq[lo:hi], k, p, centroids, calibration, views)
+
+    try:
+        if threads > 1:
+            with _thread_limits().limit(limits=1):
+                parts = list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
+        else:
+            parts = [run(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    finally:
+        views.release()
     weights = np.diff(bounds) / n
     mean = lambda field: float(sum(w * getattr(s, field) for w, (_, _, s) in zip(weights, parts)))  # noqa: E731
     stats = SearchStats(n, mean("mean_lists_probed"), max(s.rounds for _, _, s in parts),
                         mean("fallback_share"), mean("router_seconds_per_query"), time.perf_counter() - start,
                         any(s.brute_force for _, _, s in parts), any(s.traffic_shift for _, _, s in parts))
     return np.vstack([D for D, _, _ in parts]), np.vstack([I for _, I, _ in parts]), stats
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_limits() -> threadpoolctl.ThreadpoolController:
+    """The BLAS and OpenMP libraries loaded (found once: looking them up takes ~1 ms)."""
+    return threadpoolctl.ThreadpoolController()
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads kept for the process, each with one OpenMP (faiss, torch) thread
+    (a thread's own setting; BLAS's is global, limited around each parallel search)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="amips-search",
+                              initializer=lambda: _thread_limits().select(user_api="openmp").limit(limits=1))
 
 
 def block_rows(nlist: int) -> int:
@@ -82,15 +102,15 @@ def block_rows(nlist: int) -> int:
 
 
 def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
-           centroids: np.ndarray, calibration: confidence.Calibration | None = None, threaded: bool = False
-           ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+           centroids: np.ndarray, calibration: confidence.Calibration | None = None,
+           views: FlatListViews | None = None) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """The k best keys of ``xq [n, d] float32`` by probe rounds over ``ivf``'s lists in ``router``
     order, plus an exact scan of ``buffer`` (keys the router has not seen).
 
     ``p``: resolved settings (every field set; ``margin`` and ``blend`` numbers). ``calibration``:
     where it has bins, each query's margin comes from its bin instead of ``p.margin``. ``centroids
-    [nlist, d]``: needed to scan compressed lists by residual. ``threaded``: other threads search
-    other queries meanwhile (``scan.scan_plan``).
+    [nlist, d]``: needed to scan compressed lists by residual. ``views``: the flat lists' views to
+    share (made and released here when None).
     The caller keeps the index unchanged meanwhile (the lists are read in place).
     """
     start_time = time.perf_counter()
@@ -109,7 +129,8 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
                                  time.perf_counter() - start_time, brute_force=True)
     monitor, traffic_shift, blend = traffic_monitor(calibration, p), False, p.blend
     ends = round_ends(p, nlist, monitor)
-    views = FlatListViews(ivf)  # made once if a round scans flat lists by BLAS
+    own_views = views is None
+    views = FlatListViews(ivf) if own_views else views  # made once if a round scans flat lists by BLAS
     scan_views = listed.views(views) if listed else views
 
     def scan(rows, lists, coarse):
@@ -117,8 +138,8 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
             lists = listed.drop_empty(lists)
         floor = D[rows, k - 1]  # the k-th best so far: what a new key must beat
         merge_into(D, I, rows, *scan_plan(ivf, xq[rows], k, lists, coarse, centroids, p.scan_method, scan_views,
-                                          listed.selector if listed else None, threaded,
-                                          np.where(floor > EMPTY_SCORE, floor, -np.inf)))
+                                          listed.selector if listed else None,
+                                          floor=np.where(floor > EMPTY_SCORE, floor, -np.inf)))
         return (lists >= 0).sum(axis=1)
 
     try:
@@ -161,7 +182,8 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
         if n_fallback:
             probed[active] += scan(active, *fallback_plan(ivf, xq[active], probed_lists, p))
     finally:
-        views.release()
+        if own_views:
+            views.release()
     stats = SearchStats(n, float(probed.mean()) if n else 0.0, rounds, n_fallback / max(1, n),
                         router_seconds / max(1, n), time.perf_counter() - start_time, traffic_shift=traffic_shift)
     return D, I, stats
@@ -316,28 +338,7 @@ def brute_force(xq: np.ndarray, k: int, keys: np.ndarray, ids: np.ndarray) -> tu
 
 
 def merge_into(D: np.ndarray, I: np.ndarray, rows: np.ndarray, D_new: np.ndarray, I_new: np.ndarray) -> None:
-    """Merge results ``D_new, I_new [len(rows), k]`` into rows of ``D, I``, keeping the k best
-    (on ties, the results already there first)."""
-    if not len(rows):
-        return
-    k = D.shape[1]
-    if len(rows) == 1:  # one query: 1-D, and no work when nothing new beats its k-th best
-        r = rows[0]
-        if D_new[0, 0] <= D[r, k - 1]:
-            return
-        if D[r, 0] == EMPTY_SCORE:
-            D[r], I[r] = D_new[0], I_new[0]
-            return
-        Dc, Ic = np.concatenate((D[r], D_new[0])), np.concatenate((I[r], I_new[0]))
-        order = np.argsort(-Dc, kind="stable")[:k]
-        D[r], I[r] = Dc[order], Ic[order]
-        return
-    old = D[rows]
-    if (old[:, 0] == EMPTY_SCORE).all():  # nothing found yet (a first round): the new results as they are
-        D[rows], I[rows] = D_new, I_new
-        return
-    Dc = np.concatenate([old, D_new], axis=1)
-    Ic = np.concatenate([I[rows], I_new], axis=1)
-    order = np.argsort(-Dc, axis=1, kind="stable")[:, :k]
-    at = np.arange(len(rows))[:, None]
-    D[rows], I[rows] = Dc[at, order], Ic[at, order]
+    """Merge results ``D_new, I_new [len(rows), k]`` (sorted descending) into rows of ``D, I``, keeping
+    the k best (on ties, the results already there first)."""
+    if len(rows):
+        kernels.merge_sorted(D, I, np.asarray(rows, np.int64), D_new, I_new)

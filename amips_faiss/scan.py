@@ -7,15 +7,15 @@ between its BLAS and SIMD paths):
 
 - ``scan_faiss``: faiss ``search_preassigned``, for every IVF kind (flat, SQ, PQ, fast-scan).
   Query-major: each (query, list) pair is scanned on its own.
-- ``scan_blas_by_list``: for flat lists only. The pairs are grouped by list and each list meets all of its
-  queries in one BLAS product (the idea of faiss's ``contrib.big_batch_search``), whose scores go
-  straight into each query's k-heap (faiss's ``HeapArray``, C++). Given each query's *floor* (its
-  k-th best from earlier rounds), the heaps start at the floor, so only keys above it enter.
-  Measured against faiss's scan (one thread, plans of router-ordered lists, 40–4,000 queries, k = 10,
-  5 alternations, medians): Debian (61 keys × 384-d per list) even at ~4 pairs per list, 1.3× at 6.8,
-  2.3–3.3× from 33; 1M synthetic keys (250 × 384-d) even at ~5 pairs, 1.3× at 8, 3–4× from 32;
-  GloVe (137 × 50-d) even at ~7.5 pairs, 1.4× at 16, 2.4–2.9× from 59. With fewer pairs the
-  per-list Python loop loses.
+- ``scan_blas_by_list``: for flat lists only. The pairs are grouped by list and each list meets all of
+  its queries in one product (the idea of faiss's ``contrib.big_batch_search``), whose scores go
+  straight into each query's k-heap, the whole loop compiled (``kernels.scan_lists_into_heaps``,
+  numba, free of the GIL: threads searching other queries run meanwhile). Given each query's *floor*
+  (its k-th best from earlier rounds), the heaps start at the floor, so only keys above it enter.
+  Measured against faiss's scan (one thread, the rounds of a search at target 0.95, 5,000 queries,
+  k = 10, one run each): Debian (61 keys × 384-d per list) 2.0× at 21 and at 7.5 pairs per list,
+  1.7× at 4.5, 1.2× at 2.1, 0.7× at 1.1; GloVe (137 × 50-d) 1.9× at 38, 2.5× at 8.7, 1.6× at 2.6,
+  1.3× at 1.7. (The Python loop it replaced broke even at 4–7.5 pairs per list.)
 - ``scan_blas_dense``: for flat lists when most queries probe most of the lists it touches (the exact
   fallback): every query meets every touched list in one BLAS product per list, no grouping, and
   the pairs outside the plan are masked.
@@ -24,13 +24,8 @@ between its BLAS and SIMD paths):
 ``scan_faiss``; "blas" takes ``scan_blas_by_list`` when every query has a floor, else
 ``scan_blas_dense`` when the plan covers at least half of the (query, touched list) pairs, else
 ``scan_blas_by_list``; "auto" does the same for flat lists and at least ``BLAS_MIN_QUERIES``
-queries, scanning by list only plans of at least ``by_list_min_pairs`` pairs per touched list and
-not ``threaded`` (dense plans still go to ``scan_blas_dense``); else faiss.
-``threaded``: other threads search other queries meanwhile. The by-list scan's Python loop (a few
-calls per list) then waits on the GIL, while faiss's loop runs in C++: Debian, target 0.95, 5,000
-queries, each of two threads on half of them (5 alternations, medians): by-list in both threads
-30,321 QPS, faiss's scan in both 33,367 (one thread, by-list: 24,421). One round's lists split over
-two threads, by-list, ran only 1.03–1.36× faster than on one.
+queries, scanning by list only plans of at least ``BY_LIST_PAIRS_PER_LIST`` pairs per touched list
+(dense plans still go to ``scan_blas_dense``); else faiss.
 
 The BLAS scans read the lists in place through ``FlatListViews``: pointers into faiss's memory,
 valid while the index is not modified (``IndexAMIPS`` holds its read lock for the whole search) and
@@ -44,16 +39,13 @@ import functools
 import faiss
 import numpy as np
 
+from . import kernels
 from .routing import top_lists
 
-EMPTY_SCORE = np.finfo(np.float32).min  # what faiss returns for a missing result (inner product)
-# Pairs per touched list from which the by-list scan beats faiss's (one thread, measured break-even,
-# module docstring): ~4–5 where a list holds at least SMALL_LIST_MULTIPLY_ADDS keys × dimensions
-# (Debian 23k, 1M synthetic 96k), ~7.5 below (GloVe 6.8k: the list's product is small against its
-# fixed cost).
-BY_LIST_PAIRS_PER_LIST = 4.5
-SMALL_LIST_PAIRS_PER_LIST = 8
-SMALL_LIST_MULTIPLY_ADDS = 1 << 14
+EMPTY_SCORE = kernels.EMPTY_SCORE  # what faiss returns for a missing result (inner product)
+# Pairs per touched list from which the by-list scan beats faiss's (measured break-even, module
+# docstring: under 2 on Debian and on GloVe).
+BY_LIST_PAIRS_PER_LIST = 2
 # Fewer queries than this are always scanned by faiss. Measured (Debian, one thread, µs per call,
 # faiss / BLAS dense): 1 query × 8 lists 59 / 430, × 900 lists 6,821 / 16,631; 8 × 900: 33,555 /
 # 33,874; 16 × 900: 72,232 / 40,841. Reading a list's memory costs ~15 µs, which only a batch repays.
@@ -72,26 +64,32 @@ class FlatListViews:
     """Views, without copy, of a flat IVF's lists, made as the rounds of one search first need them:
     ``views(lists)`` returns ``keys`` and ``ids``, indexed by list number, holding ``[size, d] float32``
     and ``[size] int64`` views for every list in the plan ``lists`` (None for an empty list or one
-    not yet needed). Valid until the index is next modified; ``release`` hands the pointers back."""
+    not yet needed); ``views.addresses(lists)`` the same lists as raw addresses for the compiled scan,
+    ``(key_addresses, id_addresses, sizes) [nlist] int64`` (zeros where not loaded). Valid until the
+    index is next modified; ``release`` hands the pointers back."""
 
     def __init__(self, ivf):
         self._ivf = ivf
         self._keys, self._ids = [None] * ivf.nlist, [None] * ivf.nlist
-        self._loaded = np.zeros(ivf.nlist, bool)
+        self._table = np.zeros((3, ivf.nlist), np.int64)  # key address, id address, size
         self._pointers = []
 
     def __call__(self, lists: np.ndarray) -> tuple[list, list]:
         invlists, d = self._ivf.invlists, self._ivf.d
         need = np.unique(lists[lists >= 0])
-        for i in need[~self._loaded[need]].tolist():
-            self._loaded[i] = True
+        for i in need[self._table[2, need] == 0].tolist():
             size = invlists.list_size(i)
             if size:
                 codes, list_ids = invlists.get_codes(i), invlists.get_ids(i)
                 self._pointers.append((i, codes, list_ids))
                 self._keys[i] = faiss.rev_swig_ptr(codes, size * d * 4).view(np.float32).reshape(size, d)
                 self._ids[i] = faiss.rev_swig_ptr(list_ids, size)
+                self._table[:, i] = int(codes), int(list_ids), size
         return self._keys, self._ids
+
+    def addresses(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self(lists)
+        return self._table[0], self._table[1], self._table[2]
 
     def release(self) -> None:
         """Hand every pointer back to the inverted lists; the views are invalid afterwards."""
@@ -102,20 +100,19 @@ class FlatListViews:
             invlists.release_codes(i, codes)
             invlists.release_ids(i, ids)
         self._keys, self._ids = [None] * self._ivf.nlist, [None] * self._ivf.nlist
-        self._loaded[:] = False
+        self._table[:] = 0
         self._pointers = []
 
 
 def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None = None,
               centroids: np.ndarray | None = None, method: str = "auto", views: FlatListViews | None = None,
-              sel=None, threaded: bool = False, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              sel=None, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k best keys of each query among its ``lists [n, p]``, by the method that suits the plan.
 
     ``coarse [n, p]``: the quantizer's distances to those lists (faiss needs them for residual codes);
     when None they are computed from ``centroids [nlist, d]``. ``views``: the lists' views to reuse.
     ``sel``: a faiss ``IDSelector`` for the faiss scan; the BLAS scans see only what ``views`` holds
     (under a filter, views cut down to the allowed keys: ``filtering.ListFilter.views``).
-    ``threaded``: other threads scan meanwhile ("auto" then leaves sparse plans to faiss).
     ``floor [n]``: each query's k-th best score so far (−inf: fewer than k yet); the answer may then
     leave out keys scoring at or below it, which cannot enter the query's top k.
     """
@@ -125,7 +122,7 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
         raise ValueError("scan_method='blas' needs flat lists (IndexIVFFlat); this index compresses its keys")
     if method == "blas" or (method == "auto" and is_flat(ivf) and len(lists) >= BLAS_MIN_QUERIES):
         pairs, touched = _plan_size(lists, ivf.nlist)
-        by_list = method == "blas" or (pairs >= by_list_min_pairs(ivf) * touched and not threaded)
+        by_list = method == "blas" or pairs >= BY_LIST_PAIRS_PER_LIST * touched
         if by_list and floor is not None and np.isfinite(floor).all():
             return scan_blas_by_list(ivf, xq, k, lists, views, floor)
         if pairs >= DENSE_SHARE * len(lists) * touched:
@@ -135,14 +132,6 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
     if coarse is None:
         coarse = coarse_distances(ivf, centroids, xq, lists)
     return scan_faiss(ivf, xq, k, lists, coarse, sel)
-
-
-def by_list_min_pairs(ivf) -> float:
-    """Pairs per touched list from which "auto" scans a plan list by list: ``BY_LIST_PAIRS_PER_LIST``
-    when a mean list holds at least ``SMALL_LIST_MULTIPLY_ADDS`` keys × dimensions, else
-    ``SMALL_LIST_PAIRS_PER_LIST``."""
-    per_list = ivf.ntotal / max(1, ivf.nlist) * ivf.d
-    return BY_LIST_PAIRS_PER_LIST if per_list >= SMALL_LIST_MULTIPLY_ADDS else SMALL_LIST_PAIRS_PER_LIST
 
 
 def _plan_size(lists: np.ndarray, nlist: int) -> tuple[int, int]:
@@ -188,39 +177,19 @@ def _ivf_params(nprobe: int):
 
 def scan_blas_by_list(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None,
                       floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Flat lists only: group the (query, list) pairs by list, one BLAS product per list, whose
-    scores go straight into each query's k-heap. ``floor [n]``: each query's k-th best so far
-    (−inf: fewer than k); keys scoring at or below it are left out. ``views``: the caller's views
-    of the lists (made and released here when None)."""
-    with _views_of(ivf, views, lists) as (keys, ids):
-        return _by_list(keys, ids, xq, k, lists, floor)
-
-
-def _by_list(keys: list, ids: list, xq: np.ndarray, k: int, lists: np.ndarray, floor: np.ndarray | None
-             ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat lists only: group the (query, list) pairs by list, one product per list, whose scores go
+    straight into each query's k-heap (``kernels.scan_lists_into_heaps``, compiled, free of the GIL).
+    ``floor [n]``: each query's k-th best so far (−inf: fewer than k); keys scoring at or below it are
+    left out. ``views``: the caller's views of the lists (made and released here when None)."""
     n = len(lists)
-    bounds, query_of = _pairs_by_list(lists, len(keys))
-    # Each query's results are a faiss min-heap over D, I. A floor fills its heap with placeholders
-    # (id −1) at the floor, so only higher scores enter; reorder() sorts and drops the placeholders.
+    bounds, query_of = _pairs_by_list(lists, ivf.nlist)
+    # A floor fills a query's heap with placeholders (id −1) at the floor, so only higher scores enter.
     D = np.full((n, k), EMPTY_SCORE, np.float32) if floor is None else np.repeat(
         np.asarray(floor, np.float32)[:, None], k, axis=1)
     I = np.full((n, k), -1, np.int64)
-    heaps = faiss.float_minheap_array_t()
-    heaps.nh, heaps.k, heaps.val, heaps.ids = n, k, faiss.swig_ptr(D), faiss.swig_ptr(I)
-    for i in np.flatnonzero(np.diff(bounds)).tolist():
-        list_keys = keys[i]
-        if list_keys is None:
-            continue
-        size, end = len(list_keys), int(bounds[i + 1])
-        step = max(1, _MAX_CANDIDATES // size)  # bounded memory for a list that many queries probe
-        for a in range(int(bounds[i]), end, step):
-            queries = query_of[a:min(a + step, end)]
-            # keys first, then one transposing copy: faster in OpenBLAS for few queries per list
-            # (first round, one thread, 5 alternations: Debian 81 vs 83 ms, 1M synthetic 290 vs 369)
-            scores = np.ascontiguousarray((list_keys @ xq[queries].T).T)
-            heaps.addn_query_subset_with_ids(len(queries), faiss.swig_ptr(queries), size, faiss.swig_ptr(scores),
-                                             faiss.swig_ptr(ids[i]), 0)
-    heaps.reorder()
+    with _views_of(ivf, views) as own:
+        kernels.scan_lists_into_heaps(*own.addresses(lists), np.ascontiguousarray(xq, np.float32), bounds,
+                                      query_of, D, I, _MAX_CANDIDATES)
     return D, I
 
 
@@ -230,26 +199,26 @@ def _pairs_by_list(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarra
     queries are ``query_of[bounds[i]:bounds[i + 1]]``."""
     flat = lists.reshape(-1)
     order = np.argsort(flat, kind="stable")
-    return np.searchsorted(flat[order], np.arange(nlist + 1)), order // lists.shape[1]
+    return np.searchsorted(flat[order], np.arange(nlist + 1)).astype(np.int64), order // lists.shape[1]
 
 
 def scan_blas_dense(ivf, xq: np.ndarray, k: int, lists: np.ndarray, views: FlatListViews | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Flat lists only: every query against every list the plan touches, unplanned pairs masked.
     ``views``: the caller's views of the lists (made and released here when None)."""
-    with _views_of(ivf, views, lists) as (keys, ids):
-        return _dense(keys, ids, xq, k, lists)
+    with _views_of(ivf, views) as own:
+        return _dense(*own(lists), xq, k, lists)
 
 
 @contextlib.contextmanager
-def _views_of(ivf, views: FlatListViews | None, lists: np.ndarray):
-    """The caller's views of the plan's lists, or fresh ones released on exit."""
+def _views_of(ivf, views: FlatListViews | None):
+    """The caller's views of the lists, or fresh ones released on exit."""
     if views is not None:
-        yield views(lists)
+        yield views
         return
     own = FlatListViews(ivf)
     try:
-        yield own(lists)
+        yield own
     finally:
         own.release()
 

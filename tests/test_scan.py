@@ -88,45 +88,29 @@ def _record_scans(monkeypatch) -> list[str]:
     return used
 
 
-def test_auto_leaves_a_sparse_plan_to_faiss_when_other_threads_scan(monkeypatch):
-    """"auto" scans a plan with many queries per list by BLAS list by list on one thread, and by
-    faiss (no Python loop holding the GIL) when other threads scan meanwhile; the answers agree."""
-    nlist = 8
-    ivf, xq = _gaussian_ivf(0, 2000, 64, 128, nlist)
-    lists = np.stack([np.arange(64) % nlist, (np.arange(64) + 1) % nlist], axis=1)  # 16 pairs per list, 1/4 dense
-    used = _record_scans(monkeypatch)
-    D_one, I_one = scan.scan_plan(ivf, xq, 5, lists)
-    D_threaded, I_threaded = scan.scan_plan(ivf, xq, 5, lists, threaded=True)
-    assert used == ["scan_blas_by_list", "scan_faiss"]
-    np.testing.assert_allclose(D_threaded, D_one, rtol=1e-5, atol=1e-5)
-    assert (I_threaded[:, 0] == I_one[:, 0]).mean() > 0.98
-
-
-def test_a_dense_plan_with_floors_goes_by_list_on_one_thread_and_dense_on_several(monkeypatch):
-    """Every query over every list (the exact fallback) with floors from an earlier round: list by
-    list from the floors on one thread, one dense BLAS product per list when other threads scan
-    (never faiss's per-pair scan); the same answers either way."""
+def test_a_dense_plan_with_floors_goes_by_list(monkeypatch):
+    """Every query over every list (the exact fallback) with floors from an earlier round is scanned
+    list by list from the floors (never faiss's per-pair scan), with faiss's answers above them."""
     nlist = 8
     ivf, xq = _gaussian_ivf(2, 2000, 64, 128, nlist)
     lists = np.tile(np.arange(nlist), (64, 1))
     floor = scan.scan_faiss(ivf, xq, 5, lists[:, :1], np.zeros((64, 1), np.float32))[0][:, -1]
     used = _record_scans(monkeypatch)
-    D_one, _ = scan.scan_plan(ivf, xq, 5, lists, floor=floor)
-    D_threaded, _ = scan.scan_plan(ivf, xq, 5, lists, threaded=True, floor=floor)
-    assert used == ["scan_blas_by_list", "scan_blas_dense"]
+    D, _ = scan.scan_plan(ivf, xq, 5, lists, floor=floor)
+    assert used == ["scan_blas_by_list"]
     D_faiss, _ = scan.scan_faiss(ivf, xq, 5, lists, np.zeros(lists.shape, np.float32))
-    np.testing.assert_allclose(D_threaded, D_faiss, rtol=1e-5, atol=1e-5)
-    above = D_one > EMPTY_SCORE
-    np.testing.assert_allclose(D_one[above], D_faiss[above], rtol=1e-5, atol=1e-5)
+    above = D > EMPTY_SCORE
+    np.testing.assert_array_equal(above, D_faiss > floor[:, None])
+    np.testing.assert_allclose(D[above], D_faiss[above], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_keys, chosen", [(400, "scan_faiss"), (2400, "scan_blas_by_list")])
-def test_auto_scans_big_lists_by_list_from_fewer_pairs(monkeypatch, n_keys, chosen):
-    """A plan of 5 pairs per list goes to faiss over small lists (100 keys × 128-d) and list by list
-    over big ones (600 × 128-d, past ``SMALL_LIST_MULTIPLY_ADDS``), with faiss's answers either way."""
-    nlist = 4
-    ivf, xq = _gaussian_ivf(1, n_keys, 20, 128, nlist)
-    lists = (np.arange(20) % nlist)[:, None]
+@pytest.mark.parametrize("queries_per_list, chosen", [(1, "scan_faiss"), (3, "scan_blas_by_list")])
+def test_auto_scans_by_list_from_two_pairs_per_list(monkeypatch, queries_per_list, chosen):
+    """"auto" leaves a plan of 1 pair per list to faiss and scans one of 3 per list list by list
+    (``BY_LIST_PAIRS_PER_LIST``), with faiss's answers either way."""
+    nlist = 16
+    ivf, xq = _gaussian_ivf(1, 2000, nlist * queries_per_list, 64, nlist)
+    lists = (np.arange(len(xq)) % nlist)[:, None]
     used = _record_scans(monkeypatch)
     D, I = scan.scan_plan(ivf, xq, 3, lists)
     assert used == [chosen]

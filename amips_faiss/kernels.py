@@ -1,0 +1,165 @@
+"""Compiled loops (numba, ``nogil``): the parts of a scan that would otherwise be a Python loop per IVF
+list holding the GIL, so that threads searching other queries meanwhile run on other cores.
+
+``scan_lists_into_heaps`` is the by-list scan's whole loop: for each list, its queries gathered, one
+BLAS product (numba calls the BLAS that scipy ships), every score pushed into its query's k-heap.
+Lists are passed as raw addresses of faiss's own memory (``key_addresses``, ``id_addresses``,
+``sizes``), read in place, never copied.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+EMPTY_SCORE = np.float32(np.finfo(np.float32).min)  # faiss's value for a missing inner-product result
+
+
+def _pointer_intrinsic(item_type):
+    @intrinsic
+    def pointer_at(typingctx, address):
+        sig = types.CPointer(item_type)(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(item_type)))
+        return sig, codegen
+    return pointer_at
+
+
+_float32_at = _pointer_intrinsic(types.float32)
+_int64_at = _pointer_intrinsic(types.int64)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _replace_smallest(values, ids, score, ident):
+    """Min-heap ``values, ids [k]`` (smallest at 0): put ``(score, ident)`` in place of the smallest."""
+    k = len(values)
+    j = 0
+    while True:
+        child = 2 * j + 1
+        if child >= k:
+            break
+        if child + 1 < k and values[child + 1] < values[child]:
+            child += 1
+        if score <= values[child]:
+            break
+        values[j], ids[j] = values[child], ids[child]
+        j = child
+    values[j], ids[j] = score, ident
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def inner_products(queries, keys, scores):
+    """``scores [m, size] = queries [m, d] @ keys [size, d]ᵀ`` (float32), in blocks of 4 queries ×
+    2 keys so that each key and query value loaded serves several multiply-adds."""
+    m, d = queries.shape
+    size = keys.shape[0]
+    j = 0
+    while j + 4 <= m:
+        q0, q1, q2, q3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
+        t = 0
+        while t + 2 <= size:
+            k0, k1 = keys[t], keys[t + 1]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0)
+            for c in range(d):
+                a0 += q0[c] * k0[c]
+                a1 += q1[c] * k0[c]
+                a2 += q2[c] * k0[c]
+                a3 += q3[c] * k0[c]
+                b0 += q0[c] * k1[c]
+                b1 += q1[c] * k1[c]
+                b2 += q2[c] * k1[c]
+                b3 += q3[c] * k1[c]
+            scores[j, t], scores[j + 1, t], scores[j + 2, t], scores[j + 3, t] = a0, a1, a2, a3
+            scores[j, t + 1], scores[j + 1, t + 1], scores[j + 2, t + 1], scores[j + 3, t + 1] = b0, b1, b2, b3
+            t += 2
+        if t < size:
+            k0 = keys[t]
+            a0 = a1 = a2 = a3 = np.float32(0)
+            for c in range(d):
+                a0 += q0[c] * k0[c]
+                a1 += q1[c] * k0[c]
+                a2 += q2[c] * k0[c]
+                a3 += q3[c] * k0[c]
+            scores[j, t], scores[j + 1, t], scores[j + 2, t], scores[j + 3, t] = a0, a1, a2, a3
+        j += 4
+    for j in range(j, m):
+        for t in range(size):
+            a0 = np.float32(0)
+            for c in range(d):
+                a0 += queries[j, c] * keys[t, c]
+            scores[j, t] = a0
+
+
+@numba.njit(nogil=True, cache=True)
+def scan_lists_into_heaps(key_addresses, id_addresses, sizes, xq, bounds, query_of, D, I, max_scores):
+    """Scan lists for their queries, into per-query heaps, then sort them.
+
+    ``key_addresses, id_addresses, sizes [nlist] int64``: where list i's ``[sizes[i], d] float32``
+    keys and ``[sizes[i]] int64`` ids live (0 / 0 / 0 for a list not to read). ``xq [n, d] float32``.
+    List i meets queries ``query_of[bounds[i]:bounds[i + 1]]`` (``[nlist + 1]``, ``[pairs]`` int64).
+    ``D [n, k] float32, I [n, k] int64``: min-heaps on entry (a floor = k placeholders at it with id
+    −1: only higher scores enter); on exit each row sorted descending, placeholders dropped, padded
+    with ``EMPTY_SCORE`` / −1. ``max_scores``: scores held at once (a list × a block of its queries).
+    """
+    n, k = D.shape
+    d = xq.shape[1]
+    most, most_scores = 1, 1  # queries, and scores, of the biggest block
+    for i in range(len(sizes)):
+        if sizes[i]:
+            block = min(bounds[i + 1] - bounds[i], max(1, max_scores // sizes[i]))
+            most, most_scores = max(most, block), max(most_scores, block * sizes[i])
+    gathered = np.empty((most, d), np.float32)
+    scores_buffer = np.empty(most_scores, np.float32)
+    for i in range(len(sizes)):
+        size = sizes[i]
+        if size == 0 or bounds[i] == bounds[i + 1]:
+            continue
+        keys = numba.carray(_float32_at(key_addresses[i]), (size, d))
+        ids = numba.carray(_int64_at(id_addresses[i]), (size,))
+        step = max(1, max_scores // size)
+        for lo in range(bounds[i], bounds[i + 1], step):
+            m = min(step, bounds[i + 1] - lo)
+            queries = gathered[:m]
+            for j in range(m):
+                queries[j, :] = xq[query_of[lo + j]]
+            scores = scores_buffer[:m * size].reshape((m, size))
+            inner_products(queries, keys, scores)
+            for j in range(m):
+                row = query_of[lo + j]
+                values, row_ids = D[row], I[row]
+                for t in range(size):
+                    if scores[j, t] > values[0]:
+                        _replace_smallest(values, row_ids, scores[j, t], ids[t])
+    for row in range(n):
+        order = np.argsort(-D[row], kind="mergesort")
+        values, row_ids = D[row].copy(), I[row].copy()
+        kept = 0
+        for j in order:
+            if row_ids[j] >= 0:
+                D[row, kept], I[row, kept] = values[j], row_ids[j]
+                kept += 1
+        D[row, kept:] = EMPTY_SCORE
+        I[row, kept:] = -1
+
+
+@numba.njit(nogil=True, cache=True)
+def merge_sorted(D, I, rows, D_new, I_new):
+    """Merge ``D_new, I_new [len(rows), k]`` into rows ``rows`` of ``D, I [n, k]``, both sorted
+    descending: each row keeps its k best, on ties the results already there first."""
+    k = D.shape[1]
+    values, ids = np.empty(k, D.dtype), np.empty(k, I.dtype)
+    for j in range(len(rows)):
+        row = rows[j]
+        if D_new[j, 0] <= D[row, k - 1]:
+            continue
+        a = b = 0
+        for t in range(k):
+            if D_new[j, b] > D[row, a]:
+                values[t], ids[t] = D_new[j, b], I_new[j, b]
+                b += 1
+            else:
+                values[t], ids[t] = D[row, a], I[row, a]
+                a += 1
+        D[row], I[row] = values, ids
