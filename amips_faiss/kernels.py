@@ -51,45 +51,43 @@ def _replace_smallest(values, ids, score, ident):
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
 def inner_products(queries, keys, scores):
-    """``scores [m, size] = queries [m, d] @ keys [size, d]ᵀ`` (float32), in blocks of 4 queries ×
-    2 keys so that each key and query value loaded serves several multiply-adds."""
+    """``scores [m, size] = queries [m, d] @ keys [size, d]ᵀ`` (float32), in blocks of 2 queries ×
+    4 keys so that each value loaded serves several multiply-adds (a list often meets only 1–3
+    queries, so the block is narrow in queries: on Debian's 61 × 384-d lists 2.4× a plain loop at 2
+    queries, as fast as 4 × 2 blocks from 8)."""
     m, d = queries.shape
     size = keys.shape[0]
     j = 0
-    while j + 4 <= m:
-        q0, q1, q2, q3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
+    while j < m:
+        pair = j + 1 < m  # two queries, or the last one alone
+        q0, q1 = queries[j], queries[j + 1 if pair else j]
         t = 0
-        while t + 2 <= size:
-            k0, k1 = keys[t], keys[t + 1]
+        while t + 4 <= size:
+            k0, k1, k2, k3 = keys[t], keys[t + 1], keys[t + 2], keys[t + 3]
             a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0)
             for c in range(d):
                 a0 += q0[c] * k0[c]
-                a1 += q1[c] * k0[c]
-                a2 += q2[c] * k0[c]
-                a3 += q3[c] * k0[c]
-                b0 += q0[c] * k1[c]
-                b1 += q1[c] * k1[c]
-                b2 += q2[c] * k1[c]
-                b3 += q3[c] * k1[c]
-            scores[j, t], scores[j + 1, t], scores[j + 2, t], scores[j + 3, t] = a0, a1, a2, a3
-            scores[j, t + 1], scores[j + 1, t + 1], scores[j + 2, t + 1], scores[j + 3, t + 1] = b0, b1, b2, b3
-            t += 2
-        if t < size:
-            k0 = keys[t]
-            a0 = a1 = a2 = a3 = np.float32(0)
+                a1 += q0[c] * k1[c]
+                a2 += q0[c] * k2[c]
+                a3 += q0[c] * k3[c]
+                if pair:
+                    b0 += q1[c] * k0[c]
+                    b1 += q1[c] * k1[c]
+                    b2 += q1[c] * k2[c]
+                    b3 += q1[c] * k3[c]
+            scores[j, t], scores[j, t + 1], scores[j, t + 2], scores[j, t + 3] = a0, a1, a2, a3
+            if pair:
+                scores[j + 1, t], scores[j + 1, t + 1], scores[j + 1, t + 2], scores[j + 1, t + 3] = b0, b1, b2, b3
+            t += 4
+        for t in range(t, size):
+            a0 = b0 = np.float32(0)
             for c in range(d):
-                a0 += q0[c] * k0[c]
-                a1 += q1[c] * k0[c]
-                a2 += q2[c] * k0[c]
-                a3 += q3[c] * k0[c]
-            scores[j, t], scores[j + 1, t], scores[j + 2, t], scores[j + 3, t] = a0, a1, a2, a3
-        j += 4
-    for j in range(j, m):
-        for t in range(size):
-            a0 = np.float32(0)
-            for c in range(d):
-                a0 += queries[j, c] * keys[t, c]
+                a0 += q0[c] * keys[t, c]
+                b0 += q1[c] * keys[t, c]
             scores[j, t] = a0
+            if pair:
+                scores[j + 1, t] = b0
+        j += 2
 
 
 @numba.njit(nogil=True, cache=True)

@@ -60,7 +60,7 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     # one set of list views for all blocks, loaded up front (loading takes the GIL, list by list)
     views = FlatListViews(ivf)
     if threads > 1 and is_flat(ivf):
-        views(np.arange(ivf.nlist))
+        views.addresses(np.arange(ivf.nlist))
 
     def run(lo: int, hi: int):
         return search(ivf, router, buffer, xq[lo:hi], k, p, centroids, calibration, views)

@@ -61,47 +61,60 @@ def is_flat(ivf) -> bool:
 
 
 class FlatListViews:
-    """Views, without copy, of a flat IVF's lists, made as the rounds of one search first need them:
-    ``views(lists)`` returns ``keys`` and ``ids``, indexed by list number, holding ``[size, d] float32``
-    and ``[size] int64`` views for every list in the plan ``lists`` (None for an empty list or one
-    not yet needed); ``views.addresses(lists)`` the same lists as raw addresses for the compiled scan,
-    ``(key_addresses, id_addresses, sizes) [nlist] int64`` (zeros where not loaded). Valid until the
-    index is next modified; ``release`` hands the pointers back."""
+    """A flat IVF's lists, read in place, as the rounds of one search first need them.
+
+    ``views.addresses(lists)``: ``(key_addresses, id_addresses, sizes) [nlist] int64`` for the
+    compiled scan, set for every list in the plan ``lists`` (zeros for an empty list or one not yet
+    needed). ``views(lists)``: ``keys`` and ``ids``, indexed by list number, holding ``[size, d]
+    float32`` and ``[size] int64`` numpy views of the same lists (None where not needed). Valid until
+    the index is next modified; ``release`` hands the pointers back."""
 
     def __init__(self, ivf):
         self._ivf = ivf
         self._keys, self._ids = [None] * ivf.nlist, [None] * ivf.nlist
         self._table = np.zeros((3, ivf.nlist), np.int64)  # key address, id address, size
-        self._pointers = []
+        self._loaded = np.zeros(ivf.nlist, bool)
+        self._pointers = {}  # list → faiss's (codes, ids) pointers, handed back by release
+        # faiss's in-memory lists hand out their own memory: nothing to give back
+        self._must_release = type(faiss.downcast_InvertedLists(ivf.invlists)) is not faiss.ArrayInvertedLists
 
-    def __call__(self, lists: np.ndarray) -> tuple[list, list]:
-        invlists, d = self._ivf.invlists, self._ivf.d
+    def addresses(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        invlists = self._ivf.invlists
         need = np.unique(lists[lists >= 0])
-        for i in need[self._table[2, need] == 0].tolist():
+        need = need[~self._loaded[need]]
+        self._loaded[need] = True
+        found = []
+        for i in need.tolist():
             size = invlists.list_size(i)
             if size:
                 codes, list_ids = invlists.get_codes(i), invlists.get_ids(i)
-                self._pointers.append((i, codes, list_ids))
-                self._keys[i] = faiss.rev_swig_ptr(codes, size * d * 4).view(np.float32).reshape(size, d)
-                self._ids[i] = faiss.rev_swig_ptr(list_ids, size)
-                self._table[:, i] = int(codes), int(list_ids), size
-        return self._keys, self._ids
-
-    def addresses(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self(lists)
+                self._pointers[i] = codes, list_ids
+                found.append((i, int(codes), int(list_ids), size))
+        if found:
+            found = np.array(found, np.int64)
+            self._table[:, found[:, 0]] = found[:, 1:].T
         return self._table[0], self._table[1], self._table[2]
+
+    def __call__(self, lists: np.ndarray) -> tuple[list, list]:
+        sizes, d = self.addresses(lists)[2], self._ivf.d
+        for i in np.unique(lists[lists >= 0]).tolist():
+            if self._keys[i] is None and sizes[i]:
+                codes, list_ids = self._pointers[i]
+                self._keys[i] = faiss.rev_swig_ptr(codes, int(sizes[i]) * d * 4).view(np.float32).reshape(-1, d)
+                self._ids[i] = faiss.rev_swig_ptr(list_ids, int(sizes[i]))
+        return self._keys, self._ids
 
     def release(self) -> None:
         """Hand every pointer back to the inverted lists; the views are invalid afterwards."""
-        if not self._pointers:  # nothing was viewed (a faiss-scanned search)
-            return
-        invlists = self._ivf.invlists
-        for i, codes, ids in self._pointers:
-            invlists.release_codes(i, codes)
-            invlists.release_ids(i, ids)
+        if self._must_release:
+            invlists = self._ivf.invlists
+            for i, (codes, ids) in self._pointers.items():
+                invlists.release_codes(i, codes)
+                invlists.release_ids(i, ids)
         self._keys, self._ids = [None] * self._ivf.nlist, [None] * self._ivf.nlist
         self._table[:] = 0
-        self._pointers = []
+        self._loaded[:] = False
+        self._pointers = {}
 
 
 def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray | None = None,

@@ -66,7 +66,7 @@ def test_flat_list_views_load_only_the_planned_lists_and_are_released(synthetic,
     keys, _ = views(np.array([[biggest, 0]]))
     assert sum(k is not None for k in keys) == 1 + (sizes[0] > 0) and len(views._pointers) == 1 + (sizes[0] > 0)
     views.release()
-    assert views._pointers == [] and all(k is None for k in views(np.zeros((1, 0), np.int64))[0])
+    assert not views._pointers and all(k is None for k in views(np.zeros((1, 0), np.int64))[0])
 
 
 def _gaussian_ivf(seed: int, n_keys: int, n_queries: int, d: int, nlist: int):
