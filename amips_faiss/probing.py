@@ -17,11 +17,11 @@ from __future__ import annotations
 import functools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 import threadpoolctl
-from concurrent.futures import ThreadPoolExecutor
 
 from . import confidence, kernels
 from .filtering import ListFilter
@@ -63,7 +63,7 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
 
     # one set of list views for all blocks, loaded up front (loading takes the GIL, list by list)
     views = FlatListViews(ivf)
-    if threads > 1 and is_flat(ivf):
+    if threads > 1 and is_flat(ivf) and p.scan_method != "faiss":
         views.addresses(np.arange(ivf.nlist))
 
     def run(lo: int, hi: int):

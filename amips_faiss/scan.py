@@ -136,12 +136,12 @@ def scan_plan(ivf, xq: np.ndarray, k: int, lists: np.ndarray, coarse: np.ndarray
     if method == "blas" or (method == "auto" and is_flat(ivf) and len(lists) >= BLAS_MIN_QUERIES):
         pairs, touched = _plan_size(lists, ivf.nlist)
         by_list = method == "blas" or pairs >= BY_LIST_PAIRS_PER_LIST * touched
-        if by_list and floor is not None and np.isfinite(floor).all():
+        dense = pairs >= DENSE_SHARE * len(lists) * touched
+        floored = floor is not None and np.isfinite(floor).all()  # a dense plan too: only keys above enter
+        if by_list and (floored or not dense):
             return scan_blas_by_list(ivf, xq, k, lists, views, floor)
-        if pairs >= DENSE_SHARE * len(lists) * touched:
+        if dense:
             return scan_blas_dense(ivf, xq, k, lists, views)
-        if by_list:
-            return scan_blas_by_list(ivf, xq, k, lists, views, floor)
     if coarse is None:
         coarse = coarse_distances(ivf, centroids, xq, lists)
     return scan_faiss(ivf, xq, k, lists, coarse, sel)
