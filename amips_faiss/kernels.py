@@ -165,3 +165,58 @@ def merge_sorted(D, I, rows, D_new, I_new):
                 values[t], ids[t] = D[row, a], I[row, a]
                 a += 1
         D[row], I[row] = values, ids
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _insert_sorted(top, cols, filled, value, column):
+    """Put ``(value, column)`` into the descending ``top, cols [m]`` holding ``filled`` entries (the
+    last one dropped when full, ties after equal values); returns the new count."""
+    m = len(top)
+    p = filled if filled < m else m - 1
+    while p > 0 and top[p - 1] < value:
+        top[p], cols[p] = top[p - 1], cols[p - 1]
+        p -= 1
+    top[p], cols[p] = value, column
+    return min(filled + 1, m)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def top_per_row(scores, out_scores, out_columns):
+    """The ``m = out_scores.shape[1]`` largest values of each row of ``scores [n, c]`` (C-contiguous,
+    m ≤ c), best first (ties: lower column first), into ``out_scores [n, m]`` and ``out_columns [n, m]
+    int64``. One pass per row against the m-th best so far, 16 values at a time: a block with no
+    value above it costs one vectorised comparison (a fixed-size block of a reshaped row; loops of a
+    variable count did not vectorise)."""
+    n, c = scores.shape
+    m = out_scores.shape[1]
+    n_blocks = c // 16
+    for r in range(n):
+        top, cols = out_scores[r], out_columns[r]
+        filled = 0
+        blocks = scores[r, :n_blocks * 16].reshape(n_blocks, 16)
+        for b in range(n_blocks):
+            if filled == m:
+                above = 0
+                for j in range(16):
+                    above += blocks[b, j] > top[m - 1]
+                if above == 0:
+                    continue
+            for j in range(16):
+                filled = _offer(top, cols, filled, blocks[b, j], 16 * b + j)
+        for j in range(16 * n_blocks, c):
+            filled = _offer(top, cols, filled, scores[r, j], j)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _offer(top, cols, filled, value, column):
+    """Offer ``(value, column)`` to the descending ``top, cols [m]`` holding ``filled`` entries: kept
+    if there is room or it beats the last (then dropped), after equal values; returns the new count."""
+    m = len(top)
+    if filled == m and not value > top[m - 1]:
+        return filled
+    p = filled if filled < m else m - 1
+    while p > 0 and top[p - 1] < value:
+        top[p], cols[p] = top[p - 1], cols[p - 1]
+        p -= 1
+    top[p], cols[p] = value, column
+    return min(filled + 1, m)

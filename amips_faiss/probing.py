@@ -35,7 +35,9 @@ from .scan import EMPTY_SCORE, FlatListViews, is_flat, scan_plan
 # 10.1k vs 17.7k; 6,099 (section = libs) 9.9k vs 13.4k.
 BRUTE_FORCE_LISTS = 64
 PARALLEL_MIN_QUERIES = 256  # a batch is split across threads only into chunks at least this big
-SCORE_BLOCK_BYTES = 64 << 20  # router scores held at once by one block of a big batch
+SEARCH_BLOCK_ROWS = 1 << 15  # queries searched at a time (a row holds ~0.5 KB: its ranked lists, results)
+PLAN_BLOCK_BYTES = 64 << 20  # ``[rows, nlist]`` fallback plans built at once
+RANKED_ROUNDS = 3  # a big batch's router ranks each row's lists for this many rounds up front
 # In batches up to this many queries a row's later rounds are ranked at once, when its second round
 # comes (``_rank_rest_once``): a round's fixed cost is what a small batch pays.
 PLAN_ONCE_ROWS = 32
@@ -44,8 +46,7 @@ PLAN_ONCE_ROWS = 32
 def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
                     centroids: np.ndarray, calibration: confidence.Calibration | None = None
                     ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """``search`` on blocks of a batch: at most ``block_rows(nlist)`` queries at a time (the router's
-    ``[rows, nlist]`` scores stay within ``SCORE_BLOCK_BYTES``), and a big batch on up to
+    """``search`` on blocks of a batch: at most ``SEARCH_BLOCK_ROWS`` queries at a time, and a big batch on up to
     ``n_threads`` blocks at once, each thread with one BLAS and one OpenMP thread: the router's
     products, faiss's scan and the compiled by-list scan all run without the GIL. Splitting costs
     some speed per query (a list meets fewer queries per product: Debian, 5,000 queries at target
@@ -55,7 +56,7 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     if n == 1 and p.sel is None:
         return search_one(ivf, router, buffer, xq, k, p, centroids, calibration)
     threads = max(1, min(n_threads, n // PARALLEL_MIN_QUERIES))
-    n_blocks = max(threads, -(-n // block_rows(ivf.nlist)))
+    n_blocks = max(threads, -(-n // SEARCH_BLOCK_ROWS))
     if n_blocks < 2:
         return search(ivf, router, buffer, xq, k, p, centroids, calibration)
     start = time.perf_counter()
@@ -97,12 +98,6 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     (a thread's own setting; BLAS's is global, limited around each parallel search)."""
     return ThreadPoolExecutor(workers, thread_name_prefix="amips-search",
                               initializer=lambda: _thread_limits().select(user_api="openmp").limit(limits=1))
-
-
-def block_rows(nlist: int) -> int:
-    """Queries searched at a time: as many as keep ``[rows, nlist]`` float32 scores within
-    ``SCORE_BLOCK_BYTES`` (at least 1,024)."""
-    return max(1024, SCORE_BLOCK_BYTES // (4 * nlist))
 
 
 def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
@@ -148,7 +143,8 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
 
     try:
         router_seconds = -time.perf_counter()
-        rank = router.ranker(xq)  # scores the batch once; each round ranks its active rows
+        # scores the batch once; each round ranks its active rows
+        rank = router.ranker(xq, min(ends[min(RANKED_ROUNDS, len(ends)) - 1] + 1, nlist))
         if n <= PLAN_ONCE_ROWS:
             rank = _rank_rest_once(rank, n, min(ends[-1] + 1, nlist))
         router_seconds += time.perf_counter()
@@ -183,8 +179,10 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
             if not len(active):
                 break
         n_fallback = len(active) if p.fallback != "none" else 0
-        if n_fallback:
-            probed[active] += scan(active, *fallback_plan(ivf, xq[active], probed_lists, p))
+        step = max(1, PLAN_BLOCK_BYTES // (9 * nlist))  # a plan's bytes per row: done flags, list numbers
+        for lo in range(0, n_fallback, step):
+            rows = active[lo:lo + step]
+            probed[rows] += scan(rows, *fallback_plan(ivf, xq[rows], probed_lists[lo:lo + step], p))
     finally:
         if own_views:
             views.release()

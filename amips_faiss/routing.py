@@ -2,7 +2,8 @@
 
 One small interface: ``scores(xq) -> [n, nlist]`` (higher = probe first),
 ``route(xq, n_lists) -> (scores [n, n_lists] descending, lists [n, n_lists] int64, −1 padded)`` and
-``ranker(xq)``, which scores a batch once and then routes any subset of its rows, for search rounds.
+``ranker(xq, width)``, which scores a batch once and then routes any subset of its rows, for search
+rounds (a big batch keeping only each row's ``width`` best lists).
 ``coarse_distances`` says whether route scores are the faiss quantizer's own distances (needed to
 scan residual-coded lists), ``predicted_support`` turns them into an estimate of h(q), and
 ``macs_per_query`` is the router's own multiply-add count, part of the cost of a search. Subclass
@@ -15,11 +16,19 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import kernels
 from .nn import KeyNet, SupportNet
 
 ROUTERS = ("centroid", "linear", "supportnet", "keynet")
 LEARNED_ROUTERS = ("linear", "supportnet", "keynet")  # the kinds with a net to train
 _CHUNK = 8192  # queries per forward pass, to bound memory
+# Up to this many best lists, ``top_lists`` makes one compiled pass per row (``kernels.top_per_row``);
+# beyond, a partition. µs per row, one thread, 5,000 rows (against the torch.topk used before):
+# 4,000 lists, 5 best 2.9 (6.2), 17 best 5.7 (9.6), 65 best 17.8 (36.5); 977 lists, 5 best 1.4
+# (1.9), 17 best 3.2 (8.8), 65 best 9.6 (10.6); one row of 4,000, 5 best 2.1 against 42 by partition.
+TOP_PER_ROW_MAX = 64
+_RANK_HEAD = 256  # rows scored first by ``Router.ranker`` (their width tells it nlist)
+RANK_CHUNK_BYTES = 8 << 20  # router scores of a big batch held at once by ``Router.ranker`` (cache-sized)
 
 
 def top_lists(scores: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,12 +39,9 @@ def top_lists(scores: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]
     """
     n, nlist = scores.shape
     m = min(n_lists, nlist)
-    # Big batches, few lists: torch's partial heap beats numpy's introselect (µs per row, one thread:
-    # 977 lists, 9 best 2.8 vs 8.7, 17 best 8.5 vs 8.6; 2,191 lists, 17 best 6.7 vs 19.4, 33 best 10.5
-    # vs 19.5, 65 best 20.3 vs 19.4)
-    if m <= max(12, nlist // 40) and n >= 64:
-        top = torch.topk(torch.from_numpy(np.ascontiguousarray(scores, np.float32)), m, dim=1, sorted=True)
-        out_scores, lists = top.values.numpy(), top.indices.numpy()
+    if m <= TOP_PER_ROW_MAX and m < nlist:  # a few of many: one compiled pass per row
+        out_scores, lists = np.empty((n, m), np.float32), np.empty((n, m), np.int64)
+        kernels.top_per_row(np.ascontiguousarray(scores, np.float32), out_scores, lists)
     elif n == 1 and m < nlist:  # one query (a service's call): 1-D, a third of the 2-D path's cost
         row = scores[0]
         part = np.argpartition(row, nlist - m)[nlist - m:]
@@ -70,10 +76,34 @@ class Router:
         """``(scores [n, n_lists], lists [n, n_lists])``, best list first."""
         return self.ranker(xq)(slice(None), n_lists)
 
-    def ranker(self, xq: np.ndarray) -> Callable:
-        """Score ``xq [n, d]`` once; the result ``rank(rows, n_lists)`` is ``route(xq[rows], n_lists)``."""
-        scores = self.scores(xq)
-        return lambda rows, n_lists: top_lists(scores[rows], n_lists)
+    def ranker(self, xq: np.ndarray, width: int | None = None) -> Callable:
+        """Score ``xq [n, d]`` once; the result ``rank(rows, n_lists)`` is ``route(xq[rows], n_lists)``.
+
+        ``width``: the most lists most calls will ask for (a search's first rounds). A batch whose
+        ``[n, nlist]`` scores exceed ``RANK_CHUNK_BYTES`` is then scored a cache-sized chunk of rows at
+        a time and keeps only each row's ``width`` best lists (``[n, width]``, not ``[n, nlist]``:
+        search blocks can be big without holding every list's score, and the scores are ranked
+        while still in cache); a wider call scores its rows again. None: keep every score."""
+        head = self.scores(xq[:_RANK_HEAD])
+        nlist = head.shape[1]
+        chunk = max(_RANK_HEAD, RANK_CHUNK_BYTES // (4 * max(1, nlist)))
+        if width is None or width >= nlist or len(xq) <= chunk:
+            scores = head if len(xq) <= _RANK_HEAD else self.scores(xq)
+            return lambda rows, n_lists: top_lists(scores[rows], n_lists)
+        top_scores, top = np.empty((len(xq), width), np.float32), np.empty((len(xq), width), np.int64)
+        top_scores[:_RANK_HEAD], top[:_RANK_HEAD] = top_lists(head, width)
+        for lo in range(_RANK_HEAD, len(xq), chunk):
+            top_scores[lo:lo + chunk], top[lo:lo + chunk] = top_lists(self.scores(xq[lo:lo + chunk]), width)
+
+        def rank(rows, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
+            if n_lists <= width:
+                return top_scores[rows, :n_lists], top[rows, :n_lists]
+            sub = xq[rows]
+            parts = [top_lists(self.scores(sub[lo:lo + chunk]), n_lists) for lo in range(0, len(sub), chunk)]
+            if not parts:
+                return np.zeros((0, n_lists), np.float32), np.zeros((0, n_lists), np.int64)
+            return np.vstack([s for s, _ in parts]), np.vstack([lists for _, lists in parts])
+        return rank
 
     def coarse_distances(self, route_scores: np.ndarray) -> np.ndarray | None:
         """The quantizer's distances to the routed lists when the route scores are them, else None
@@ -103,7 +133,7 @@ class CentroidRouter(Router):
     def scores(self, xq: np.ndarray) -> np.ndarray:
         return xq @ self.centroids.T
 
-    def ranker(self, xq: np.ndarray) -> Callable:
+    def ranker(self, xq: np.ndarray, width: int | None = None) -> Callable:
         return lambda rows, n_lists: self.quantizer.search(xq[rows], n_lists)
 
     def coarse_distances(self, route_scores: np.ndarray) -> np.ndarray:
@@ -163,7 +193,7 @@ class KeyNetProjectionRouter(Router):
     def scores(self, xq: np.ndarray) -> np.ndarray:
         return self.project(xq) @ self.centroids.T
 
-    def ranker(self, xq: np.ndarray) -> Callable:
+    def ranker(self, xq: np.ndarray, width: int | None = None) -> Callable:
         projected = self.project(xq)
         return lambda rows, n_lists: self.quantizer.search(projected[rows], n_lists)
 

@@ -8,7 +8,9 @@ Each point runs in its own process, so that its peak RSS is its own:
 Synthetic points are ``amips_faiss.data.make_clustered`` keys (clustered, anisotropic, norms spanning
 100×) with queries from another mixture; the GloVe point is the full 400k vocabulary (keys) minus the
 held-out query words. Training uses the default ``TrainConfig`` on 2 threads with ``--train-queries``
-sampled queries; searches run on one thread on ``--test`` held-out queries.
+sampled queries; searches run on one thread on ``--test`` held-out queries, timed as one call and in
+calls of ``--call`` (a batch job's big calls let each round of probes meet every list with more
+queries; IVFFlat scans query by query, so its speed does not depend on the call).
 """
 from __future__ import annotations
 
@@ -45,12 +47,13 @@ def point_data(name: str, n_keys: int, d: int, n_queries: int, seed: int) -> tup
 
 
 def measure_point(name: str, n_keys: int, d: int, n_train: int, n_test: int, linear_rank: int | None = None,
-                  nlist: int | None = None, seed: int = 0) -> dict:
+                  nlist: int | None = None, call: int = 5_000, seed: int = 0) -> dict:
     """Build, search and time one point (the router's linear term of rank ``linear_rank``, None =
-    the default rule; ``nlist`` lists, None = ``default_nlist``); returns its row."""
+    the default rule; ``nlist`` lists, None = ``default_nlist``); returns its row. The test set is
+    timed as one call and, when bigger, in calls of ``call`` queries."""
     keys, queries = point_data(name, n_keys, d, n_train + n_test, seed)
     train_q, test = queries[:n_train], queries[n_train:]
-    row = {"data": name, "n_keys": len(keys), "d": keys.shape[1], "train_queries": len(train_q),
+    row = {"data": name, "n_keys": len(keys), "d": keys.shape[1], "train_queries": len(train_q), "test_queries": len(test),
            "linear_rank": linear_rank,
            "data_rss_gib": round(peak_rss_gib(), 2)}
     af.set_num_threads(2)
@@ -78,6 +81,10 @@ def measure_point(name: str, n_keys: int, d: int, n_train: int, n_test: int, lin
         row[f"amips@{target}"] = {"qps": round(len(test) / seconds), "match": round(score(I), 4),
                                   "lists": round(index.stats.mean_lists_probed, 1),
                                   "router_us": round(1e6 * index.stats.router_seconds_per_query, 1)}
+        if len(test) > call:  # the same queries in smaller calls: a round's lists meet fewer queries
+            seconds, _ = timed(lambda x: [index.search(x[lo:lo + call], 1, params=params)
+                                          for lo in range(0, len(x), call)], test, 3)
+            row[f"amips@{target}"]["qps_in_calls"] = {str(call): round(len(test) / seconds)}
     row["ivf"] = ivf_at_level(index.ivf, test, score)
     row["speedup_vs_ivf"] = round(row[f"amips@{LEVEL}"]["qps"] / row["ivf"]["qps"], 2)
     row["peak_rss_gib"] = round(peak_rss_gib(), 2)
@@ -109,15 +116,18 @@ def ivf_at_level(ivf, test: np.ndarray, score) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = ("| data | keys | d | nlist | router linear term | train s (lists / targets / router) | add s | peak RSS GiB | "
-            "AMIPS@0.95 QPS (match, lists, router µs) | IVFFlat QPS (match, nprobe) | × IVF | AMIPS@0.99 QPS (match) |")
+            "test queries | AMIPS@0.95 QPS (match, lists, router µs) | IVFFlat QPS (match, nprobe) | × IVF | "
+            "AMIPS@0.95 QPS in smaller calls (× IVF) | AMIPS@0.99 QPS (match) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         a, b, i, p = r["amips@0.95"], r["amips@0.99"], r["ivf"], r["phase_s"]
         rank = f"rank {r['linear_rank']}" if r.get("linear_rank") else "full"
+        calls = "; ".join(f"{qps:,} in {int(size):,}s ({qps / i['qps']:.2f})" for size, qps in a.get("qps_in_calls", {}).items())
         lines.append(f"| {r['data']} | {r['n_keys']:,} | {r['d']} | {r['nlist']} | {rank} | {r['train_s']:.0f} "
                      f"({p['lists']:.0f} / {p['targets']:.0f} / {p['router']:.0f}) | {r['add_s']:.0f} | "
-                     f"{r['peak_rss_gib']:.1f} | {a['qps']:,} ({a['match']:.3f}, {a['lists']}, {a['router_us']}) | "
-                     f"{i['qps']:,} ({i['match']:.3f}, {i['nprobe']}) | {r['speedup_vs_ivf']:.2f} | "
+                     f"{r['peak_rss_gib']:.1f} | {r.get('test_queries', 5000):,} | "
+                     f"{a['qps']:,} ({a['match']:.3f}, {a['lists']}, {a['router_us']}) | "
+                     f"{i['qps']:,} ({i['match']:.3f}, {i['nprobe']}) | {r['speedup_vs_ivf']:.2f} | {calls or '–'} | "
                      f"{b['qps']:,} ({b['match']:.3f}) |")
     return "\n".join(lines)
 
@@ -150,21 +160,22 @@ def main(argv=None) -> None:
     ap.add_argument("--train-queries", type=int, default=20_000)
     ap.add_argument("--linear-rank", type=int, help="rank of the router's linear term (default: full)")
     ap.add_argument("--nlist", type=int, help="number of IVF lists (default: af.default_nlist of each size)")
-    ap.add_argument("--test", type=int, default=5_000)
+    ap.add_argument("--test", type=int, default=25_000, help="held-out queries, searched as one call")
+    ap.add_argument("--call", type=int, default=5_000, help="... and in calls of this many")
     ap.add_argument("--out", default="benchmarks/results/scaling")
     ap.add_argument("--point", help=argparse.SUPPRESS)  # name:n_keys: one point, in this process
     args = ap.parse_args(argv)
     if args.point:
         name, n = args.point.split(":")
         print(json.dumps(measure_point(name, int(n), args.d, args.train_queries, args.test, args.linear_rank,
-                                       args.nlist)))
+                                       args.nlist, args.call)))
         return
     points = [f"synthetic:{n}" for n in args.sizes.split(",") if n] + (["glove:0"] if args.glove else [])
     rows = []
     for point in points:
         print(f"== {point}", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "benchmarks.scaling", "--point", point, "--d", str(args.d),
-               "--train-queries", str(args.train_queries), "--test", str(args.test)]
+               "--train-queries", str(args.train_queries), "--test", str(args.test), "--call", str(args.call)]
         cmd += ["--linear-rank", str(args.linear_rank)] if args.linear_rank else []
         cmd += ["--nlist", str(args.nlist)] if args.nlist is not None else []
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

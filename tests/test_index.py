@@ -562,13 +562,21 @@ def test_big_batches_are_searched_in_blocks_and_big_adds_in_blocks(synthetic, tr
     af.set_num_threads(1)
     try:
         D1, I1 = index.search(q, 5)
-        monkeypatch.setattr(probing, "SCORE_BLOCK_BYTES", 4 * NLIST * 100)  # → 1,024-row blocks
-        assert probing.block_rows(NLIST) == 1024 < len(q)
+        always_unsure = af.SearchParametersAMIPS(margin=-math.inf, max_nprobe=8, fallback="exact")
+        D3, I3 = index.search(q, 5, params=always_unsure)
+        assert index.stats.fallback_share == 1.0
+        monkeypatch.setattr(probing, "SEARCH_BLOCK_ROWS", 700)
+        monkeypatch.setattr("amips_faiss.routing.RANK_CHUNK_BYTES", 4 * NLIST * 300)  # ranked 300 rows at a time
+        monkeypatch.setattr(probing, "PLAN_BLOCK_BYTES", 9 * NLIST * 200)  # fallback plans of 200 rows
+        assert probing.SEARCH_BLOCK_ROWS < len(q)
         D2, I2 = index.search(q, 5)
+        D4, I4 = index.search(q, 5, params=always_unsure)
     finally:
         af.set_num_threads(2)
     np.testing.assert_array_equal(I1, I2)
     np.testing.assert_allclose(D1, D2, rtol=1e-6)
+    np.testing.assert_array_equal(I3, I4)
+    np.testing.assert_allclose(D3, D4, rtol=1e-6)
     assert index.stats.n_queries == len(q)
     monkeypatch.setattr("amips_faiss.index.ADD_BLOCK", 3000)
     blocked = copy_of(index)
