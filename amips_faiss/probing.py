@@ -26,7 +26,7 @@ import threadpoolctl
 from . import confidence, kernels
 from .filtering import ListFilter
 from .parameters import SearchParametersAMIPS, SearchStats
-from .routing import Router, top_lists
+from .routing import TOP_PER_ROW_MAX, Router, top_lists
 from .scan import EMPTY_SCORE, FlatListViews, is_flat, scan_plan
 
 # A filter leaving at most this many average lists' worth of keys is brute-forced (gathered, one BLAS
@@ -37,7 +37,9 @@ BRUTE_FORCE_LISTS = 64
 PARALLEL_MIN_QUERIES = 256  # a batch is split across threads only into chunks at least this big
 SEARCH_BLOCK_ROWS = 1 << 15  # queries searched at a time (a row holds ~0.5 KB: its ranked lists, results)
 PLAN_BLOCK_BYTES = 64 << 20  # ``[rows, nlist]`` fallback plans built at once
-RANKED_ROUNDS = 3  # a big batch's router ranks each row's lists for this many rounds up front
+# A big batch's router ranks each row's lists up front for up to this many rounds, as far as the
+# compiled top-k pass goes (``routing.TOP_PER_ROW_MAX``); a row's later rounds score it again.
+RANKED_ROUNDS = 3
 # In batches up to this many queries a row's later rounds are ranked at once, when its second round
 # comes (``_rank_rest_once``): a round's fixed cost is what a small batch pays.
 PLAN_ONCE_ROWS = 32
@@ -46,12 +48,17 @@ PLAN_ONCE_ROWS = 32
 def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParametersAMIPS,
                     centroids: np.ndarray, calibration: confidence.Calibration | None = None
                     ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """``search`` on blocks of a batch: at most ``SEARCH_BLOCK_ROWS`` queries at a time, and a big batch on up to
-    ``n_threads`` blocks at once, each thread with one BLAS and one OpenMP thread: the router's
-    products, faiss's scan and the compiled by-list scan all run without the GIL. Splitting costs
-    some speed per query (a list meets fewer queries per product: Debian, 5,000 queries at target
-    0.95, one thread, two halves one after the other took 1.15× the whole batch's time, GloVe 1.05×),
-    which is why a small batch is not split at all."""
+    """``search`` on blocks of a batch: at most ``SEARCH_BLOCK_ROWS`` queries at a time, and a big batch
+    on up to ``n_threads`` blocks at once, each thread with one BLAS and one OpenMP thread: the
+    router's products, faiss's scan and the compiled by-list scan all run without the GIL.
+
+    Blocks are big on purpose: each round of a block reads the keys of every list its rows probe,
+    so a block that meets each list with more queries reads the keys fewer times per query. On 1M
+    keys (4,000 lists, 1.5 GB of keys) at target 0.95, one thread, 25,000 queries in blocks of
+    5,000 / 12,500 / 25,000 ran 8,243 / 12,571 / 15,373 QPS (medians of 6). Splitting a small batch
+    across threads costs the same way (Debian, 5,000 queries, two halves one after the other took
+    1.15× the whole batch's time, GloVe 1.05×), which is why a batch under ``2 × PARALLEL_MIN_QUERIES``
+    is not split at all."""
     n = len(xq)
     if n == 1 and p.sel is None:
         return search_one(ivf, router, buffer, xq, k, p, centroids, calibration)
@@ -143,8 +150,7 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
 
     try:
         router_seconds = -time.perf_counter()
-        # scores the batch once; each round ranks its active rows
-        rank = router.ranker(xq, min(ends[min(RANKED_ROUNDS, len(ends)) - 1] + 1, nlist))
+        rank = router.ranker(xq, ranked_width(ends, nlist))  # scores the batch; rounds rank their rows
         if n <= PLAN_ONCE_ROWS:
             rank = _rank_rest_once(rank, n, min(ends[-1] + 1, nlist))
         router_seconds += time.perf_counter()
@@ -189,6 +195,14 @@ def search(ivf, router: Router, buffer, xq: np.ndarray, k: int, p: SearchParamet
     stats = SearchStats(n, float(probed.mean()) if n else 0.0, rounds, n_fallback / max(1, n),
                         router_seconds / max(1, n), time.perf_counter() - start_time, traffic_shift=traffic_shift)
     return D, I, stats
+
+
+def ranked_width(ends: list[int], nlist: int) -> int:
+    """The lists ranked up front for each row of a big batch: those of its first ``RANKED_ROUNDS``
+    rounds (each round also reads the next list's score), as many as ``TOP_PER_ROW_MAX`` allows, and
+    at least the first round's."""
+    widths = [end + 1 for end in ends[:RANKED_ROUNDS]]
+    return min(nlist, max([widths[0]] + [w for w in widths if w <= TOP_PER_ROW_MAX]))
 
 
 def traffic_monitor(calibration: confidence.Calibration | None, p: SearchParametersAMIPS
