@@ -38,8 +38,11 @@ PARALLEL_MIN_QUERIES = 256  # a batch is split across threads only into chunks a
 SEARCH_BLOCK_ROWS = 1 << 15  # queries searched at a time (a row holds ~0.5 KB: its ranked lists, results)
 PLAN_BLOCK_BYTES = 64 << 20  # ``[rows, nlist]`` fallback plans built at once
 # A big batch's router ranks each row's lists up front for up to this many rounds, as far as the
-# compiled top-k pass goes (``routing.TOP_PER_ROW_MAX``); a row's later rounds score it again.
-RANKED_ROUNDS = 3
+# compiled top-k pass goes (``routing.TOP_PER_ROW_MAX``); a row's later rounds score it again. Two
+# rather than three, router µs per query at target 0.95 (one thread, 5,000 queries, two alternations):
+# Debian first round 8 16.6–16.8 vs 18.8–19.3 (first round 4: 18.1–18.4 vs 17.4–17.9); 1M keys,
+# 4,000 lists, first round 4: 20.8–20.9 vs 22.9–23.9.
+RANKED_ROUNDS = 2
 # In batches up to this many queries a row's later rounds are ranked at once, when its second round
 # comes (``_rank_rest_once``): a round's fixed cost is what a small batch pays.
 PLAN_ONCE_ROWS = 32
