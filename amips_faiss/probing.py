@@ -58,10 +58,10 @@ def search_parallel(n_threads: int, ivf, router: Router, buffer, xq: np.ndarray,
     Blocks are big on purpose: each round of a block reads the keys of every list its rows probe,
     so a block that meets each list with more queries reads the keys fewer times per query. On 1M
     keys (4,000 lists, 1.5 GB of keys) at target 0.95, one thread, 25,000 queries in blocks of
-    5,000 / 12,500 / 25,000 ran 8,243 / 12,571 / 15,373 QPS (medians of 6). Splitting a small batch
-    across threads costs the same way (Debian, 5,000 queries, two halves one after the other took
-    1.15× the whole batch's time, GloVe 1.05×), which is why a batch under ``2 × PARALLEL_MIN_QUERIES``
-    is not split at all."""
+    5,000 / 12,500 / 25,000 ran 8,243 / 12,571 / 15,373 QPS (medians of 6, the router still holding
+    every score). Splitting a small batch across threads costs the same way (Debian, 5,000 queries,
+    two halves one after the other took 1.15× the whole batch's time, GloVe 1.05×), which is why a
+    batch under ``2 × PARALLEL_MIN_QUERIES`` is not split at all."""
     n = len(xq)
     if n == 1 and p.sel is None:
         return search_one(ivf, router, buffer, xq, k, p, centroids, calibration)

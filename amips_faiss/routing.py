@@ -27,7 +27,7 @@ _CHUNK = 8192  # queries per forward pass, to bound memory
 # 4,000 lists, 5 best 2.9 (6.2), 17 best 5.7 (9.6), 65 best 17.8 (36.5); 977 lists, 5 best 1.4
 # (1.9), 17 best 3.2 (8.8), 65 best 9.6 (10.6); one row of 4,000, 5 best 2.1 against 42 by partition.
 TOP_PER_ROW_MAX = 64
-_RANK_HEAD = 256  # rows scored first by ``Router.ranker`` (their width tells it nlist)
+_MIN_RANK_CHUNK = 256  # rows ranked at a time by ``Router.ranker``, at least
 RANK_CHUNK_BYTES = 8 << 20  # router scores of a big batch held at once by ``Router.ranker`` (cache-sized)
 
 
@@ -84,15 +84,15 @@ class Router:
         a time and keeps only each row's ``width`` best lists (``[n, width]``, not ``[n, nlist]``:
         search blocks can be big without holding every list's score, and the scores are ranked
         while still in cache); a wider call scores its rows again. None: keep every score."""
-        head = self.scores(xq[:_RANK_HEAD])
-        nlist = head.shape[1]
-        chunk = max(_RANK_HEAD, RANK_CHUNK_BYTES // (4 * max(1, nlist)))
-        if width is None or width >= nlist or len(xq) <= chunk:
-            scores = head if len(xq) <= _RANK_HEAD else self.scores(xq)
+        chunk = len(xq)
+        if width is not None and len(xq) > _MIN_RANK_CHUNK:
+            nlist = self.scores(xq[:1]).shape[1]  # one row's scores tell nlist
+            chunk = len(xq) if width >= nlist else max(_MIN_RANK_CHUNK, RANK_CHUNK_BYTES // (4 * nlist))
+        if chunk >= len(xq):
+            scores = self.scores(xq)
             return lambda rows, n_lists: top_lists(scores[rows], n_lists)
         top_scores, top = np.empty((len(xq), width), np.float32), np.empty((len(xq), width), np.int64)
-        top_scores[:_RANK_HEAD], top[:_RANK_HEAD] = top_lists(head, width)
-        for lo in range(_RANK_HEAD, len(xq), chunk):
+        for lo in range(0, len(xq), chunk):
             top_scores[lo:lo + chunk], top[lo:lo + chunk] = top_lists(self.scores(xq[lo:lo + chunk]), width)
 
         def rank(rows, n_lists: int) -> tuple[np.ndarray, np.ndarray]:

@@ -586,6 +586,15 @@ def test_big_batches_are_searched_in_blocks_and_big_adds_in_blocks(synthetic, tr
     assert sizes(blocked) == sizes(index) and blocked.ntotal == index.ntotal and not blocked.buffer.ntotal
 
 
+def test_a_big_batch_ranks_its_first_rounds_up_front():
+    """Each round reads its lists and the next list's score: two rounds' worth, as far as the
+    compiled top-k pass goes, never under the first round's nor over nlist."""
+    assert probing.ranked_width([4, 8, 16, 1000], 4000) == 9
+    assert probing.ranked_width([40, 80, 160], 4000) == 41  # the second round's 81 is past the pass
+    assert probing.ranked_width([100, 200], 4000) == 101
+    assert probing.ranked_width([4], 3) == 3
+
+
 def test_set_num_threads():
     af.set_num_threads(1)
     assert faiss.omp_get_max_threads() == 1

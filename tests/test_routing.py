@@ -39,17 +39,17 @@ def test_a_big_batch_ranker_keeps_its_width_and_scores_wider_calls_again(monkeyp
     scored = []
     monkeypatch.setattr(router, "scores", lambda x, f=router.scores: scored.append(len(x)) or f(x))
     rank = router.ranker(q, 9)
-    assert sum(scored) == len(q) and max(scored) == 300  # scored once, chunk by chunk
+    assert scored[0] == 1 and sum(scored[1:]) == len(q) and max(scored) == 300  # nlist, then chunk by chunk
     rows = np.sort(rng.choice(len(q), 400, replace=False))
     for n_lists in (1, 5, 9):
         np.testing.assert_array_equal(rank(slice(None), n_lists)[1], full_lists[:, :n_lists])
         np.testing.assert_array_equal(rank(rows, n_lists)[1], full_lists[rows, :n_lists])
-    assert sum(scored) == len(q)  # within the width: no scoring again
+    assert sum(scored) == 1 + len(q)  # within the width: no scoring again
     for n_lists in (10, 40):
         s, lists = rank(rows, n_lists)
         np.testing.assert_array_equal(lists, full_lists[rows, :n_lists])
         np.testing.assert_allclose(s, full_scores[rows, :n_lists], rtol=1e-6)
-    assert sum(scored) == len(q) + 2 * len(rows)  # only the wider calls' rows scored again
+    assert sum(scored) == 1 + len(q) + 2 * len(rows)  # only the wider calls' rows scored again
     assert rank(rows[:0], 40)[1].shape == (0, 40)
 
 
