@@ -5,7 +5,8 @@ list holding the GIL, so that threads searching other queries meanwhile run on o
 products with the list's keys (``inner_products``, register-blocked; no BLAS library, so no BLAS
 thread pool to compete with the caller's threads), every score pushed into its query's k-heap.
 Lists are passed as raw addresses of faiss's own memory (``key_addresses``, ``id_addresses``,
-``sizes``), read in place, never copied. ``merge_sorted`` merges sorted results (``probing.merge_into``).
+``sizes``), read in place, never copied. ``merge_sorted`` merges sorted results (``probing.merge_into``);
+``top_per_row`` is the k best of each row of scores (``routing.top_lists`` for a few of many).
 
 Compiled on first use and cached on disk by numba (``__pycache__`` beside this file, or numba's
 user-wide cache when that is read-only): ~3–6 s once per install, ~0.5 s to load in a new process.
@@ -168,10 +169,12 @@ def merge_sorted(D, I, rows, D_new, I_new):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _insert_sorted(top, cols, filled, value, column):
-    """Put ``(value, column)`` into the descending ``top, cols [m]`` holding ``filled`` entries (the
-    last one dropped when full, ties after equal values); returns the new count."""
+def _offer(top, cols, filled, value, column):
+    """Offer ``(value, column)`` to the descending ``top, cols [m]`` holding ``filled`` entries: kept
+    if there is room or it beats the last (then dropped), after equal values; returns the new count."""
     m = len(top)
+    if filled == m and not value > top[m - 1]:
+        return filled
     p = filled if filled < m else m - 1
     while p > 0 and top[p - 1] < value:
         top[p], cols[p] = top[p - 1], cols[p - 1]
@@ -206,17 +209,3 @@ def top_per_row(scores, out_scores, out_columns):
         for j in range(16 * n_blocks, c):
             filled = _offer(top, cols, filled, scores[r, j], j)
 
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _offer(top, cols, filled, value, column):
-    """Offer ``(value, column)`` to the descending ``top, cols [m]`` holding ``filled`` entries: kept
-    if there is room or it beats the last (then dropped), after equal values; returns the new count."""
-    m = len(top)
-    if filled == m and not value > top[m - 1]:
-        return filled
-    p = filled if filled < m else m - 1
-    while p > 0 and top[p - 1] < value:
-        top[p], cols[p] = top[p - 1], cols[p - 1]
-        p -= 1
-    top[p], cols[p] = value, column
-    return min(filled + 1, m)
