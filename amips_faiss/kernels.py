@@ -208,4 +208,3 @@ def top_per_row(scores, out_scores, out_columns):
                 filled = _offer(top, cols, filled, blocks[b, j], 16 * b + j)
         for j in range(16 * n_blocks, c):
             filled = _offer(top, cols, filled, scores[r, j], j)
-
