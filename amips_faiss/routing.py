@@ -91,18 +91,19 @@ class Router:
         if chunk >= len(xq):
             scores = self.scores(xq)
             return lambda rows, n_lists: top_lists(scores[rows], n_lists)
-        top_scores, top = np.empty((len(xq), width), np.float32), np.empty((len(xq), width), np.int64)
-        for lo in range(0, len(xq), chunk):
-            top_scores[lo:lo + chunk], top[lo:lo + chunk] = top_lists(self.scores(xq[lo:lo + chunk]), width)
+
+        def route_in_chunks(x: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
+            parts = [top_lists(self.scores(x[lo:lo + chunk]), n_lists) for lo in range(0, len(x), chunk)]
+            if not parts:
+                return np.zeros((0, n_lists), np.float32), np.zeros((0, n_lists), np.int64)
+            return np.vstack([s for s, _ in parts]), np.vstack([lists for _, lists in parts])
+
+        top_scores, top = route_in_chunks(xq, width)
 
         def rank(rows, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
             if n_lists <= width:
                 return top_scores[rows, :n_lists], top[rows, :n_lists]
-            sub = xq[rows]
-            parts = [top_lists(self.scores(sub[lo:lo + chunk]), n_lists) for lo in range(0, len(sub), chunk)]
-            if not parts:
-                return np.zeros((0, n_lists), np.float32), np.zeros((0, n_lists), np.int64)
-            return np.vstack([s for s, _ in parts]), np.vstack([lists for _, lists in parts])
+            return route_in_chunks(xq[rows], n_lists)
         return rank
 
     def coarse_distances(self, route_scores: np.ndarray) -> np.ndarray | None:

@@ -79,9 +79,24 @@ class FlatListViews:
         self._must_release = type(faiss.downcast_InvertedLists(ivf.invlists)) is not faiss.ArrayInvertedLists
 
     def addresses(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._load(np.unique(lists[lists >= 0]))
+        return self._table[0], self._table[1], self._table[2]
+
+    def __call__(self, lists: np.ndarray) -> tuple[list, list]:
+        planned = np.unique(lists[lists >= 0])
+        self._load(planned)
+        sizes, d = self._table[2], self._ivf.d
+        for i in planned.tolist():
+            if self._keys[i] is None and sizes[i]:
+                codes, list_ids = self._pointers[i]
+                self._keys[i] = faiss.rev_swig_ptr(codes, int(sizes[i]) * d * 4).view(np.float32).reshape(-1, d)
+                self._ids[i] = faiss.rev_swig_ptr(list_ids, int(sizes[i]))
+        return self._keys, self._ids
+
+    def _load(self, planned: np.ndarray) -> None:
+        """Fetch faiss's pointers of the ``planned`` lists (distinct numbers) not fetched yet."""
         invlists = self._ivf.invlists
-        need = np.unique(lists[lists >= 0])
-        need = need[~self._loaded[need]]
+        need = planned[~self._loaded[planned]]
         self._loaded[need] = True
         found = []
         for i in need.tolist():
@@ -93,16 +108,6 @@ class FlatListViews:
         if found:
             found = np.array(found, np.int64)
             self._table[:, found[:, 0]] = found[:, 1:].T
-        return self._table[0], self._table[1], self._table[2]
-
-    def __call__(self, lists: np.ndarray) -> tuple[list, list]:
-        sizes, d = self.addresses(lists)[2], self._ivf.d
-        for i in np.unique(lists[lists >= 0]).tolist():
-            if self._keys[i] is None and sizes[i]:
-                codes, list_ids = self._pointers[i]
-                self._keys[i] = faiss.rev_swig_ptr(codes, int(sizes[i]) * d * 4).view(np.float32).reshape(-1, d)
-                self._ids[i] = faiss.rev_swig_ptr(list_ids, int(sizes[i]))
-        return self._keys, self._ids
 
     def release(self) -> None:
         """Hand every pointer back to the inverted lists; the views are invalid afterwards."""
