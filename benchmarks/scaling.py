@@ -165,6 +165,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="benchmarks/results/scaling")
     ap.add_argument("--point", help=argparse.SUPPRESS)  # name:n_keys: one point, in this process
     args = ap.parse_args(argv)
+    if args.test < 1 or args.call < 1:
+        ap.error("--test and --call must be at least 1")
     if args.point:
         name, n = args.point.split(":")
         print(json.dumps(measure_point(name, int(n), args.d, args.train_queries, args.test, args.linear_rank,
